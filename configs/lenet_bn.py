@@ -1,0 +1,42 @@
+r"""LeNet with from-scratch batch norm (jaxbn.BatchNorm), as D2L's chapter trains it.
+
+  python train.py --config configs/lenet_bn.py
+  python train.py --config configs/lenet_bn.py --config.num_epochs=2 --workdir /tmp/run
+
+Every field can be overridden as --config.FIELD=VALUE (--config.data.num_train=1024);
+an unknown field is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = 'lenet'
+  # 'jaxbn' (from scratch), 'flax' (flax.linen.BatchNorm) or 'none' (plain LeNet).
+  config.norm = 'jaxbn'
+  # Decay of the running averages: ra = momentum * ra + (1 - momentum) * batch.
+  config.bn_momentum = 0.9
+  config.bn_epsilon = 1e-5
+
+  config.learning_rate = 1.0
+  config.batch_size = 256
+  config.num_epochs = 10
+  config.seed = 0
+
+  # Training steps compiled into one lax.scan call (rounded down to a divisor
+  # of the steps per epoch; 0: a whole epoch per call). 1 is fastest on CPU,
+  # where XLA runs a step inside a loop several times slower than alone.
+  config.steps_per_dispatch = 1
+  config.eval_batch_size = 2000
+  config.progress_bar = True
+
+  config.data = ml_collections.ConfigDict()
+  config.data.data_dir = (
+    ''  # tfds data dir and jaxbn's cache; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  )
+  config.data.idx_dir = '/usr/share/datasets/fashion-mnist'  # raw IDX files (Debian's package)
+  config.data.download = True  # let tfds download it when nothing local is found
+  config.data.num_train = 0  # use only the first N examples (0: all 60,000)
+  config.data.num_test = 0  # (0: all 10,000)
+  return config

@@ -1,0 +1,230 @@
+"""`train_and_evaluate(config, workdir)`: the whole run, as `train.py` starts it."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxbn import data as data_lib
+from jaxbn import models, training
+from jaxbn import workdir as workdir_lib
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and a fix."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` for values that cannot train, before any work is done."""
+  if config.model != 'lenet':
+    raise ConfigError(f"config.model={config.model!r} is unknown: use 'lenet'.")
+  if config.norm not in models.NORMS:
+    raise ConfigError(f'config.norm={config.norm!r} is unknown: use one of {models.NORMS}.')
+  for field in ('learning_rate', 'batch_size', 'num_epochs', 'eval_batch_size'):
+    if not config[field] > 0:
+      raise ConfigError(f'config.{field}={config[field]!r} must be positive.')
+  for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'steps_per_dispatch'):
+    if not isinstance(config[field], int):
+      raise ConfigError(f'config.{field}={config[field]!r} must be an integer.')
+  if config.batch_size == 1 and config.norm != 'none':
+    raise ConfigError(
+      'config.batch_size=1 with batch norm: the dense layers would normalise a single '
+      "value per feature and learn nothing. Use batch_size >= 2 or norm='none'."
+    )
+  if config.bn_momentum is not None and not 0.0 <= config.bn_momentum <= 1.0:
+    raise ConfigError(f'config.bn_momentum={config.bn_momentum} must be in [0, 1].')
+
+
+def _steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
+  """The largest divisor of ``steps_per_epoch`` not above ``wanted`` (0: the whole epoch)."""
+  if wanted <= 0 or wanted >= steps_per_epoch:
+    return steps_per_epoch
+  return max(d for d in range(1, wanted + 1) if steps_per_epoch % d == 0)
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains and evaluates ``config`` for ``config.num_epochs``, writing into ``workdir``.
+
+  Resumes from the newest checkpoint in ``workdir`` if there is one. Prints
+  one line per epoch and the chapter's summary at the end.
+
+  Returns:
+    A dict with the final ``state``, the per-epoch ``records`` and the
+    summary figures (``train_loss``, ``train_accuracy``, ``test_accuracy``,
+    ``examples_per_sec``, ``compile_seconds``).
+
+  Raises:
+    ConfigError, data.DataNotFoundError, workdir.WorkdirError: bad input.
+    FloatingPointError: the loss or the parameters stopped being finite;
+      the last good checkpoint and metrics are kept.
+  """
+  validate_config(config)
+  workdir = workdir_lib.prepare(workdir, config)
+  device = jax.devices()[0]
+  dataset = data_lib.load_fashion_mnist(
+    config.data.data_dir or None, config.data.idx_dir or None, config.data.download
+  ).subset(config.data.num_train, config.data.num_test)
+  num_train = len(dataset.train_labels)
+  if config.batch_size > num_train:
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} is larger than the {num_train} training '
+      'examples: lower it or use more data (config.data.num_train=0 takes all).'
+    )
+  print(f'data: {num_train} train / {len(dataset.test_labels)} test examples from {dataset.source}')
+
+  init_rng, shuffle_rng = jax.random.split(jax.random.key(config.seed))
+  state = training.create_train_state(config, init_rng)
+  checkpoints = workdir_lib.Checkpoints(workdir)
+  start_epoch, state, skipped = checkpoints.restore_latest(state)
+  for reason in skipped:
+    print(f'skipped unreadable {reason}')
+  # A restored step is a strongly typed int32; make a fresh one the same, so
+  # one compiled step serves both.
+  state = state.replace(step=jnp.asarray(state.step, jnp.int32))
+  records = workdir_lib.read_metrics(workdir)[:start_epoch]
+  if start_epoch:
+    print(f'resuming {workdir} after epoch {start_epoch}')
+
+  train_images, train_labels = jax.device_put((dataset.train_images, dataset.train_labels), device)
+  test_batches = jax.device_put(
+    training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size),
+    device,
+  )
+  steps_per_epoch = num_train // config.batch_size
+  chunk = _steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
+  indices_shape = jax.ShapeDtypeStruct((chunk, config.batch_size), jnp.int32)
+
+  start = time.perf_counter()
+  train_chunk = (
+    jax.jit(training.train_steps, donate_argnums=0)
+    .lower(state, train_images, train_labels, indices_shape)
+    .compile()
+  )
+  evaluate = jax.jit(training.evaluate).lower(state, *test_batches).compile()
+  shuffle = jax.jit(training.shuffled_batches, static_argnums=(1, 2))
+  compile_seconds = time.perf_counter() - start
+  print(f'compiled in {compile_seconds:.1f} s on {device}; {steps_per_epoch} steps per epoch')
+
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    batches = shuffle(jax.random.fold_in(shuffle_rng, epoch), num_train, config.batch_size)
+    batches = batches.reshape(-1, chunk, config.batch_size)
+    sums = {'loss': 0.0, 'accuracy': 0.0, 'steps': 0}
+    bar = tqdm.tqdm(
+      total=steps_per_epoch,
+      desc=f'epoch {epoch}/{config.num_epochs}',
+      unit='step',
+      leave=False,
+      disable=None if config.progress_bar else True,
+    )
+    start = time.perf_counter()
+
+    def consume(metrics, first_step):
+      metrics = jax.device_get(metrics)
+      bad = np.flatnonzero(~np.isfinite(metrics['loss']))
+      if bad.size:
+        bar.close()
+        raise FloatingPointError(
+          f'The loss became {metrics["loss"][bad[0]]} at epoch {epoch}, step '
+          f'{first_step + bad[0] + 1} of {steps_per_epoch}. Stopped; the checkpoint and '
+          f'metrics of epoch {epoch - 1} in {workdir} are kept. Try a lower learning_rate.'
+        )
+      sums['loss'] += float(metrics['loss'].sum())
+      sums['accuracy'] += float(metrics['accuracy'].sum())
+      sums['steps'] += len(metrics['loss'])
+      bar.update(len(metrics['loss']))
+      bar.set_postfix(
+        loss=f'{sums["loss"] / sums["steps"]:.3f}', acc=f'{sums["accuracy"] / sums["steps"]:.3f}'
+      )
+
+    # Chunk c + 1 is queued before chunk c's metrics are read, so the device
+    # never waits for the host.
+    pending = None
+    for c in range(len(batches)):
+      state, metrics = train_chunk(state, train_images, train_labels, batches[c])
+      if pending is not None:
+        consume(*pending)
+      pending = (metrics, c * chunk)
+    consume(*pending)
+    train_seconds = time.perf_counter() - start
+    bar.close()
+    if not _all_finite(state.params):
+      raise FloatingPointError(
+        f'The parameters stopped being finite in epoch {epoch}. Stopped; the checkpoint '
+        f'and metrics of epoch {epoch - 1} in {workdir} are kept. Try a lower learning_rate.'
+      )
+
+    start = time.perf_counter()
+    test = jax.device_get(evaluate(state, *test_batches))
+    record = {
+      'epoch': epoch,
+      'train_loss': sums['loss'] / steps_per_epoch,
+      'train_accuracy': sums['accuracy'] / steps_per_epoch,
+      'test_loss': float(test['loss']),
+      'test_accuracy': float(test['accuracy']),
+      'train_examples': steps_per_epoch * config.batch_size,
+      'train_seconds': train_seconds,
+      'eval_seconds': time.perf_counter() - start,
+    }
+    record['examples_per_sec'] = record['train_examples'] / train_seconds
+    checkpoints.save(epoch, state)
+    records.append(record)
+    workdir_lib.write_metrics(workdir, records)
+    workdir_lib.plot_curves(
+      workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
+    )
+    print(
+      f'epoch {epoch:>{len(str(config.num_epochs))}}/{config.num_epochs}  '
+      f'loss {record["train_loss"]:.3f}  train acc {record["train_accuracy"]:.3f}  '
+      f'test acc {record["test_accuracy"]:.3f}  {record["examples_per_sec"]:,.0f} examples/s',
+      flush=True,
+    )
+  checkpoints.close()
+  return _summarize(config, workdir, state, records, device, compile_seconds)
+
+
+def _summarize(config, workdir, state, records, device, compile_seconds) -> dict[str, Any]:
+  """Prints the chapter's closing lines and where the outputs are."""
+  last = records[-1]
+  examples = sum(r['train_examples'] for r in records)
+  seconds = sum(r['train_seconds'] for r in records)
+  summary = {
+    'state': state,
+    'records': records,
+    'train_loss': last['train_loss'],
+    'train_accuracy': last['train_accuracy'],
+    'test_accuracy': last['test_accuracy'],
+    'examples_per_sec': examples / seconds,
+    'compile_seconds': compile_seconds,
+  }
+  print(
+    f'loss {last["train_loss"]:.3f}, train acc {last["train_accuracy"]:.3f}, '
+    f'test acc {last["test_accuracy"]:.3f}'
+  )
+  print(f'{summary["examples_per_sec"]:.1f} examples/sec on {device}')
+  first_bn = models.first_norm_params(state.params)
+  if first_bn is not None:
+    with np.printoptions(precision=4, suppress=True):
+      for name, value in first_bn.items():
+        print(f'first BN layer {name}: {np.asarray(value)}')
+  accuracies = [r['test_accuracy'] for r in records]
+  print(
+    f'test acc over epochs {records[0]["epoch"]}-{last["epoch"]}: '
+    f'{min(accuracies):.3f} - {max(accuracies):.3f}'
+  )
+  print(
+    f'outputs in {workdir}: config.json, metrics.jsonl, curves.png, '
+    f'checkpoints/ ({math.ceil(seconds)} s of training)'
+  )
+  return summary

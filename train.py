@@ -1,0 +1,57 @@
+r"""Trains LeNet with batch norm on Fashion-MNIST (Dive into Deep Learning, batch-norm chapter).
+
+Usage:
+  python train.py --config configs/lenet_bn.py [--workdir DIR] [--config.FIELD=VALUE ...]
+
+Configs: configs/lenet_bn.py (from-scratch BN, lr 1.0), configs/lenet_bn_flax.py
+(flax.linen.BatchNorm), configs/lenet.py (no BN, lr 0.9). Examples:
+  python train.py --config configs/lenet_bn.py --config.num_epochs=2 --config.seed=1
+  python train.py --config configs/lenet_bn.py --workdir runs/a   # rerun to resume
+
+The workdir (default workdirs/<config>-<time>) receives config.json, metrics.jsonl,
+curves.png and orbax checkpoints; rerunning with the same --workdir and config
+resumes from the last checkpoint. Runs on the first device JAX finds (GPU if any).
+"""
+
+import pathlib
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxbn import data, trainer, workdir
+
+config_flags.DEFINE_config_file(
+  'config',
+  None,
+  'Path to a config file, e.g. configs/lenet_bn.py; override fields with --config.FIELD=VALUE.',
+  lock_config=True,
+)
+flags.DEFINE_string(
+  'workdir',
+  None,
+  'Directory for config, metrics, plot and checkpoints; reuse it to resume. '
+  'Default: workdirs/<config name>-<date>-<time>.',
+)
+flags.mark_flags_as_required(['config'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments {argv[1:]}: use --config.FIELD=VALUE.')
+  config_path = pathlib.Path(flags.FLAGS['config'].config_filename)
+  run_dir = FLAGS.workdir or f'workdirs/{config_path.stem}-{time.strftime("%Y%m%d-%H%M%S")}'
+  print(f'config {config_path}, workdir {run_dir}')
+  try:
+    trainer.train_and_evaluate(FLAGS.config, run_dir)
+  except (trainer.ConfigError, data.DataNotFoundError, workdir.WorkdirError) as e:
+    sys.exit(f'error: {e}')
+  except FloatingPointError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
