@@ -224,14 +224,14 @@ def load_fashion_mnist(
   if cache.exists():
     try:
       return _to_dataset(_read_cache(cache), f'jaxbn cache ({cache})')
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       failures.append(f'jaxbn cache {cache}: {e}')
   else:
     failures.append(f'jaxbn cache {cache}: not there yet')
   if (data_dir / 'fashion_mnist').is_dir():
     try:
       return _load_tfds(data_dir, download=False)
-    except Exception as e:  # noqa: BLE001 - each failure is reported below.
+    except Exception as e:  # each failure is reported below
       failures.append(f'prepared tfds data in {data_dir}: {e}')
   else:
     failures.append(f'prepared tfds data in {data_dir}: none')
@@ -249,7 +249,7 @@ def load_fashion_mnist(
   if download:
     try:
       return _load_tfds(data_dir, download=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       failures.append(f'tfds download into {data_dir}: {type(e).__name__}: {e}')
   raise DataNotFoundError(
     'Fashion-MNIST was not found. Tried:\n'

@@ -54,6 +54,46 @@ def _all_finite(tree) -> bool:
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+class _EpochMeter:
+  """Adds up an epoch's step metrics, drives its progress bar, stops on a non-finite loss."""
+
+  def __init__(self, epoch, config, steps_per_epoch, workdir):
+    self.epoch, self.steps_per_epoch, self.workdir = epoch, steps_per_epoch, workdir
+    self.sums = {'loss': 0.0, 'accuracy': 0.0}
+    self.steps = 0
+    self.bar = tqdm.tqdm(
+      total=steps_per_epoch,
+      desc=f'epoch {epoch}/{config.num_epochs}',
+      unit='step',
+      leave=False,
+      disable=None if config.progress_bar else True,  # None: only on a terminal
+    )
+
+  def add(self, metrics: dict[str, jax.Array], first_step: int) -> None:
+    """Takes the (S,) metrics of the steps from ``first_step`` (0-based) on."""
+    metrics = jax.device_get(metrics)
+    bad = np.flatnonzero(~np.isfinite(metrics['loss']))
+    if bad.size:
+      self.close()
+      raise FloatingPointError(
+        f'The loss became {metrics["loss"][bad[0]]} at epoch {self.epoch}, step '
+        f'{first_step + bad[0] + 1} of {self.steps_per_epoch}. Stopped; the checkpoint and '
+        f'metrics of epoch {self.epoch - 1} in {self.workdir} are kept. '
+        'Try a lower learning_rate.'
+      )
+    for key in self.sums:
+      self.sums[key] += float(metrics[key].sum())
+    self.steps += len(metrics['loss'])
+    self.bar.update(len(metrics['loss']))
+    self.bar.set_postfix(loss=f'{self.mean("loss"):.3f}', acc=f'{self.mean("accuracy"):.3f}')
+
+  def mean(self, key: str) -> float:
+    return self.sums[key] / max(self.steps, 1)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains and evaluates ``config`` for ``config.num_epochs``, writing into ``workdir``.
 
@@ -120,45 +160,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     batches = shuffle(jax.random.fold_in(shuffle_rng, epoch), num_train, config.batch_size)
     batches = batches.reshape(-1, chunk, config.batch_size)
-    sums = {'loss': 0.0, 'accuracy': 0.0, 'steps': 0}
-    bar = tqdm.tqdm(
-      total=steps_per_epoch,
-      desc=f'epoch {epoch}/{config.num_epochs}',
-      unit='step',
-      leave=False,
-      disable=None if config.progress_bar else True,
-    )
+    meter = _EpochMeter(epoch, config, steps_per_epoch, workdir)
     start = time.perf_counter()
-
-    def consume(metrics, first_step):
-      metrics = jax.device_get(metrics)
-      bad = np.flatnonzero(~np.isfinite(metrics['loss']))
-      if bad.size:
-        bar.close()
-        raise FloatingPointError(
-          f'The loss became {metrics["loss"][bad[0]]} at epoch {epoch}, step '
-          f'{first_step + bad[0] + 1} of {steps_per_epoch}. Stopped; the checkpoint and '
-          f'metrics of epoch {epoch - 1} in {workdir} are kept. Try a lower learning_rate.'
-        )
-      sums['loss'] += float(metrics['loss'].sum())
-      sums['accuracy'] += float(metrics['accuracy'].sum())
-      sums['steps'] += len(metrics['loss'])
-      bar.update(len(metrics['loss']))
-      bar.set_postfix(
-        loss=f'{sums["loss"] / sums["steps"]:.3f}', acc=f'{sums["accuracy"] / sums["steps"]:.3f}'
-      )
-
     # Chunk c + 1 is queued before chunk c's metrics are read, so the device
     # never waits for the host.
     pending = None
     for c in range(len(batches)):
       state, metrics = train_chunk(state, train_images, train_labels, batches[c])
       if pending is not None:
-        consume(*pending)
+        meter.add(*pending)
       pending = (metrics, c * chunk)
-    consume(*pending)
+    meter.add(*pending)
     train_seconds = time.perf_counter() - start
-    bar.close()
+    meter.close()
     if not _all_finite(state.params):
       raise FloatingPointError(
         f'The parameters stopped being finite in epoch {epoch}. Stopped; the checkpoint '
@@ -169,8 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     test = jax.device_get(evaluate(state, *test_batches))
     record = {
       'epoch': epoch,
-      'train_loss': sums['loss'] / steps_per_epoch,
-      'train_accuracy': sums['accuracy'] / steps_per_epoch,
+      'train_loss': meter.mean('loss'),
+      'train_accuracy': meter.mean('accuracy'),
       'test_loss': float(test['loss']),
       'test_accuracy': float(test['accuracy']),
       'train_examples': steps_per_epoch * config.batch_size,

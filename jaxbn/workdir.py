@@ -156,7 +156,7 @@ class Checkpoints:
     for epoch in sorted(self._manager.all_steps(), reverse=True):
       try:
         tree = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(target))
-      except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean unreadable.
+      except Exception as e:  # orbax raises many kinds; all mean unreadable
         skipped.append(f'checkpoint {self.directory / str(epoch)}: {type(e).__name__}: {e}')
         continue
       return epoch, serialization.from_state_dict(template, tree), skipped
