@@ -90,6 +90,7 @@ def plot_curves(workdir: pathlib.Path, records: list[dict[str, Any]], title: str
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   epochs = [r['epoch'] for r in records]
   fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
@@ -100,6 +101,7 @@ def plot_curves(workdir: pathlib.Path, records: list[dict[str, Any]], title: str
   ):
     ax.plot(epochs, [r[key] for r in records], style, label=label)
   ax.set_xlabel('epoch')
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlim(0.5, max(epochs) + 0.5)
   ax.set_ylim(0, max(1.0, *(r['train_loss'] for r in records)))
   ax.grid(True, alpha=0.3)
