@@ -53,5 +53,22 @@ def main(argv):
     sys.exit(f'error: {e}')
 
 
+def parse_flags(argv):
+  """absl's parser, with a plain message (no traceback) for a bad --config or override."""
+  try:
+    args = FLAGS(argv)
+    FLAGS.config.keys()  # the config file is loaded lazily; fail here if it cannot be
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nSee python train.py --help.')
+  except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
+    text = str(e.args[0] if e.args else e).replace('\\n', '\n').replace("\\'", "'")
+    field, *hint = text.strip('\'"').split('\n')
+    hint = ' '.join(hint).strip('\'"')
+    sys.exit(f"error: unknown config field '{field.strip(chr(39))}'. {hint}")
+  except (TypeError, ValueError, OSError) as e:
+    sys.exit(f'error: {e}\nSee python train.py --help.')
+  return args
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -130,9 +130,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   start_epoch, state, skipped = checkpoints.restore_latest(state)
   for reason in skipped:
     print(f'skipped unreadable {reason}')
-  # A restored step is a strongly typed int32; make a fresh one the same, so
-  # one compiled step serves both.
-  state = state.replace(step=jnp.asarray(state.step, jnp.int32))
   records = workdir_lib.read_metrics(workdir)[:start_epoch]
   if start_epoch:
     print(f'resuming {workdir} after epoch {start_epoch}')

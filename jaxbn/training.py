@@ -35,12 +35,14 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     config.model, norm=config.norm, momentum=config.bn_momentum, epsilon=config.bn_epsilon
   )
   variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
-  return TrainState.create(
+  state = TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
     batch_stats=variables.get('batch_stats', {}),
     tx=optax.sgd(config.learning_rate),
   )
+  # An int32 array, as a restored checkpoint has it: one compiled step serves both.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:

@@ -1,0 +1,103 @@
+"""The Fashion-MNIST loader: real IDX files, checksums, cache and the error listing every source."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxbn import data
+
+IDX_DIR = data.DEBIAN_IDX_DIR
+NAMES = list(data.IDX_SHA256)
+
+
+@pytest.fixture(scope='module')
+def real_idx_dir(tmp_path_factory):
+  """A private copy of the real IDX files (CI installs Debian's dataset-fashion-mnist)."""
+  copy = tmp_path_factory.mktemp('idx')
+  for name in NAMES:
+    source = f'{IDX_DIR}/{name}.gz'
+    try:
+      shutil.copy(source, copy)
+    except FileNotFoundError:
+      pytest.fail(f'{source} is missing: apt-get install dataset-fashion-mnist')
+  return copy
+
+
+def test_loads_real_data_from_idx_and_then_from_cache(real_idx_dir, tmp_path):
+  ds = data.load_fashion_mnist(tmp_path, real_idx_dir, download=False)
+  assert ds.source.startswith('IDX files')
+  assert ds.train_images.shape == (60000, 28, 28, 1) and ds.train_images.dtype == np.float32
+  assert ds.test_images.shape == (10000, 28, 28, 1)
+  assert ds.train_labels.dtype == np.int32 and set(np.unique(ds.train_labels)) == set(range(10))
+  assert 0.0 == ds.train_images.min() and ds.train_images.max() == 1.0
+  # Fashion-MNIST is balanced: 6,000 / 1,000 examples per class.
+  np.testing.assert_array_equal(np.bincount(ds.train_labels), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.test_labels), [1000] * 10)
+
+  cached = data.load_fashion_mnist(tmp_path, idx_dir=None, download=False)
+  assert cached.source.startswith('jaxbn cache')
+  np.testing.assert_array_equal(cached.train_images, ds.train_images)
+  np.testing.assert_array_equal(cached.test_labels, ds.test_labels)
+
+
+def test_subset_takes_the_first_examples(real_idx_dir, tmp_path):
+  ds = data.load_fashion_mnist(tmp_path, real_idx_dir, download=False)
+  sub = ds.subset(100, 10)
+  assert len(sub.train_labels) == 100 and len(sub.test_images) == 10
+  np.testing.assert_array_equal(sub.train_images, ds.train_images[:100])
+
+
+def _corrupt_copy(real_idx_dir, tmp_path, name, payload: bytes | None, truncate=False):
+  folder = tmp_path / 'idx'
+  shutil.copytree(real_idx_dir, folder)
+  path = folder / f'{name}.gz'
+  if truncate:
+    path.write_bytes(path.read_bytes()[:1000])
+  elif payload is not None:
+    with gzip.open(path, 'wb') as f:
+      f.write(payload)
+  else:
+    path.unlink()
+  return folder
+
+
+@pytest.mark.parametrize(
+  'kind, pattern',
+  [
+    ('missing', r'No such file.*t10k-labels-idx1-ubyte\.gz'),
+    ('truncated', r't10k-labels-idx1-ubyte\.gz is not a complete gzip file'),
+    ('changed', r't10k-labels-idx1-ubyte\.gz decompresses to data with SHA-256'),
+  ],
+)
+def test_bad_idx_files_are_named_in_the_error(real_idx_dir, tmp_path, kind, pattern):
+  name = 't10k-labels-idx1-ubyte'
+  payload = b'\x00\x00\x08\x01\x00\x00\x00\x02\x01\x02' if kind == 'changed' else None
+  folder = _corrupt_copy(real_idx_dir, tmp_path, name, payload, truncate=kind == 'truncated')
+  with pytest.raises(data.DataNotFoundError, match=pattern) as info:
+    data.load_fashion_mnist(tmp_path / 'data', folder, download=False)
+  message = str(info.value)
+  # Every place looked at is listed, with how to provide the data.
+  assert 'jaxbn cache' in message and 'prepared tfds data' in message
+  assert 'apt-get install dataset-fashion-mnist' in message
+  assert '--config.data.idx_dir' in message
+  assert not (tmp_path / 'data' / data.CACHE_NAME).exists()
+
+
+def test_read_idx_checks_the_decompressed_bytes(real_idx_dir):
+  labels = data.read_idx(real_idx_dir / 'train-labels-idx1-ubyte.gz', 'train-labels-idx1-ubyte')
+  assert labels.shape == (60000,) and labels.dtype == np.uint8
+  with pytest.raises(data.CorruptDataError, match='train-images-idx3-ubyte of Fashion-MNIST'):
+    data.read_idx(real_idx_dir / 'train-labels-idx1-ubyte.gz', 'train-images-idx3-ubyte')
+
+
+def test_a_damaged_cache_is_reported_and_rebuilt(real_idx_dir, tmp_path):
+  cache = tmp_path / data.CACHE_NAME
+  cache.parent.mkdir(parents=True)
+  np.savez(cache, train_images=np.zeros((3, 28, 28), np.uint8))
+  with pytest.raises(data.DataNotFoundError, match=r'holds arrays .* expected'):
+    data.load_fashion_mnist(tmp_path, idx_dir=None, download=False)
+  ds = data.load_fashion_mnist(tmp_path, real_idx_dir, download=False)
+  assert ds.source.startswith('IDX files')
+  assert data.load_fashion_mnist(tmp_path, None, download=False).source.startswith('jaxbn cache')

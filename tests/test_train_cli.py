@@ -1,0 +1,86 @@
+"""`python train.py` end to end: real Fashion-MNIST (a subset), a real workdir, real errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def train(*args, cwd=ROOT, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(
+    [sys.executable, str(ROOT / 'train.py'), *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.mark.slow
+def test_trains_on_real_data_and_writes_every_output(tmp_path):
+  workdir = tmp_path / 'run'
+  result = train(
+    '--config=configs/lenet_bn.py',
+    f'--workdir={workdir}',
+    '--config.num_epochs=2',
+    '--config.batch_size=128',
+    '--config.data.num_train=4096',
+    '--config.data.num_test=2000',
+    f'--config.data.data_dir={tmp_path / "data"}',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert 'from IDX files' in out  # a fresh data_dir: built from the Debian files
+  assert 'examples/sec on' in out and 'first BN layer gamma' in out
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['epoch'] for r in records] == [1, 2]
+  final = records[-1]
+  # It learned: ten classes, so chance is 0.1.
+  assert final['test_accuracy'] > 0.5 and final['train_accuracy'] > 0.5
+  assert final['train_loss'] < records[0]['train_loss']
+  assert f'loss {final["train_loss"]:.3f}, train acc {final["train_accuracy"]:.3f}, ' in out
+  assert json.loads((workdir / 'config.json').read_text())['norm'] == 'jaxbn'
+  assert (workdir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert (workdir / 'checkpoints' / '2').is_dir()
+
+  # Rerunning the finished run resumes from its checkpoint and trains nothing more.
+  again = train(
+    '--config=configs/lenet_bn.py',
+    f'--workdir={workdir}',
+    '--config.num_epochs=2',
+    '--config.batch_size=128',
+    '--config.data.num_train=4096',
+    '--config.data.num_test=2000',
+    f'--config.data.data_dir={tmp_path / "data"}',
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resuming' in again.stdout and 'epoch 1/2' not in again.stdout
+  assert 'from jaxbn cache' in again.stdout
+
+
+def test_help_explains_the_command():
+  result = train('--help')  # absl exits with 1 after --help
+  assert 'python train.py --config configs/lenet_bn.py' in result.stdout
+  assert '--workdir' in result.stdout
+
+
+@pytest.mark.parametrize(
+  'flag, expected',
+  [
+    ('--config.num_epoch=2', 'num_epoch'),  # a typo of num_epochs
+    ('--config.learning_rate=-1.0', 'config.learning_rate=-1.0 must be positive'),
+    ('--config.norm=layer', "config.norm='layer' is unknown"),
+  ],
+)
+def test_bad_flags_fail_with_a_message_and_no_traceback(tmp_path, flag, expected):
+  result = train('--config=configs/lenet_bn.py', f'--workdir={tmp_path}', flag)
+  assert result.returncode != 0
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr
