@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 
 from jaxbn import data as data_lib
-from jaxbn import models, training
+from jaxbn import models, precise, training
 from jaxbn import workdir as workdir_lib
 
 
@@ -39,6 +39,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'config.batch_size=1 with batch norm: the dense layers would normalise a single '
       "value per feature and learn nothing. Use batch_size >= 2 or norm='none'."
     )
+  if config.precise_bn_examples and config.norm == 'none':
+    raise ConfigError("config.precise_bn_examples needs batch norm: set it to 0 for norm='none'.")
   if config.bn_momentum is not None and not 0.0 <= config.bn_momentum <= 1.0:
     raise ConfigError(f'config.bn_momentum={config.bn_momentum} must be in [0, 1].')
 
@@ -177,6 +179,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       )
 
     start = time.perf_counter()
+    extra = {}
+    if config.precise_bn_examples:
+      # Evaluate the running averages too, then replace them by precise ones.
+      extra['test_accuracy_running'] = float(evaluate(state, *test_batches)['accuracy'])
+      state = state.replace(
+        batch_stats=precise.precise_batch_stats(
+          state.apply_fn,
+          state.params,
+          state.batch_stats,
+          train_images[: config.precise_bn_examples],
+          config.batch_size,
+          train=True,
+        )
+      )
     test = jax.device_get(evaluate(state, *test_batches))
     record = {
       'epoch': epoch,
@@ -187,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       'train_examples': steps_per_epoch * config.batch_size,
       'train_seconds': train_seconds,
       'eval_seconds': time.perf_counter() - start,
+      **extra,
     }
     record['examples_per_sec'] = record['train_examples'] / train_seconds
     checkpoints.save(epoch, state)

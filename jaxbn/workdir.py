@@ -100,6 +100,9 @@ def plot_curves(workdir: pathlib.Path, records: list[dict[str, Any]], title: str
     ('test_accuracy', 'test acc', '-.'),
   ):
     ax.plot(epochs, [r[key] for r in records], style, label=label)
+  if 'test_accuracy_running' in records[-1]:
+    running = [r.get('test_accuracy_running') for r in records]
+    ax.plot(epochs, running, ':', label='test acc (running averages)')
   ax.set_xlabel('epoch')
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.set_xlim(0.5, max(epochs) + 0.5)

@@ -1,0 +1,95 @@
+"""Precise BN statistics: equal-weight averages of batch statistics, jaxbn and Flax layers."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+from jaxbn import precise
+from jaxbn.models import LeNet
+
+
+class TwoLayer(nn.Module):
+  """Dense -> BN -> tanh -> Dense -> BN, with the BN class and momentum chosen."""
+
+  norm: type = jaxbn.BatchNorm
+  momentum: float | None = 0.9
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = lambda: self.norm(use_running_average=not train, momentum=self.momentum)
+    x = jnp.tanh(bn()(nn.Dense(5)(x)))
+    return bn()(nn.Dense(3)(x))
+
+
+def test_equals_a_cumulative_average_over_the_same_batches():
+  """jaxbn.BatchNorm(momentum=None) over the batches, weights fixed, is the reference."""
+  x = jax.random.normal(jax.random.key(0), (40, 4)) * 3 + 1
+  ema = TwoLayer(momentum=0.9)
+  variables = ema.init(jax.random.key(1), x[:2], train=False)
+  got = precise.precise_batch_stats(
+    ema.apply, variables['params'], variables['batch_stats'], x, 8, train=True
+  )
+
+  cumulative = TwoLayer(momentum=None)
+  stats = cumulative.init(jax.random.key(1), x[:2], train=False)['batch_stats']
+  for i in range(5):
+    _, updates = cumulative.apply(
+      {'params': variables['params'], 'batch_stats': stats},
+      x[i * 8 : (i + 1) * 8],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    stats = updates['batch_stats']
+  for layer in ('BatchNorm_0', 'BatchNorm_1'):
+    assert int(stats[layer]['count']) == 5
+    chex.assert_trees_all_close(got[layer]['mean'], stats[layer]['mean'], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got[layer]['var'], stats[layer]['var'], rtol=1e-5, atol=1e-6)
+
+
+def test_first_layer_matches_numpy():
+  x = np.asarray(jax.random.normal(jax.random.key(2), (30, 4)), np.float64)
+  model = TwoLayer()
+  variables = model.init(jax.random.key(3), jnp.asarray(x[:2], jnp.float32), train=False)
+  got = precise.precise_batch_stats(
+    model.apply,
+    variables['params'],
+    variables['batch_stats'],
+    jnp.asarray(x, jnp.float32),
+    10,
+    train=True,
+  )
+  dense = variables['params']['Dense_0']
+  h = x @ np.asarray(dense['kernel'], np.float64) + np.asarray(dense['bias'], np.float64)
+  batches = h.reshape(3, 10, 5)
+  np.testing.assert_allclose(
+    got['BatchNorm_0']['mean'], batches.mean(1).mean(0), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    got['BatchNorm_0']['var'], batches.var(1).mean(0), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_flax_and_jaxbn_layers_give_the_same_statistics():
+  images = jax.random.uniform(jax.random.key(4), (64, 28, 28, 1))
+  results = {}
+  for norm in ('jaxbn', 'flax'):
+    model = LeNet(norm=norm)
+    variables = model.init(jax.random.key(5), images[:2], train=False)
+    results[norm] = precise.precise_batch_stats(
+      model.apply, variables['params'], variables['batch_stats'], images, 16, train=True
+    )
+  chex.assert_trees_all_close(results['jaxbn'], results['flax'], rtol=1e-4, atol=1e-6)
+  first = results['jaxbn']['BatchNorm_0']
+  chex.assert_shape([first['mean'], first['var']], (6,))
+  assert not np.allclose(first['var'], 1.0)
+
+
+def test_inference_mode_layers_are_left_alone():
+  x = jax.random.normal(jax.random.key(6), (16, 4))
+  model = TwoLayer()
+  variables = model.init(jax.random.key(7), x[:2], train=False)
+  stats = precise.layer_batch_statistics(model.apply, variables, x, train=False)
+  assert stats == {}

@@ -1,0 +1,28 @@
+"""The README's "use it in your own model" example runs and does what it says."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+
+
+def test_readme_model_example_trains_and_predicts():
+  blocks = re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
+  namespace = {}
+  exec(blocks[0], namespace)  # the MLP with jaxbn.BatchNorm, train_step and predict
+  x = jax.random.normal(jax.random.key(1), (16, 784))
+  y = jnp.arange(16) % 10
+  params, stats, opt_state = namespace['params'], namespace['batch_stats'], namespace['opt_state']
+  losses = []
+  for _ in range(5):
+    params, new_stats, opt_state, loss = namespace['train_step'](params, stats, opt_state, x, y)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  # The running averages moved away from their initial 0 and 1.
+  assert not np.allclose(new_stats['BatchNorm_0']['mean'], stats['BatchNorm_0']['mean'])
+  logits = namespace['predict'](params, new_stats, x)
+  assert logits.shape == (16, 10)
