@@ -56,6 +56,13 @@ def _all_finite(tree) -> bool:
   return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
 
 
+def _kept(epoch: int, workdir: pathlib.Path) -> str:
+  """What a run stopped in ``epoch`` leaves behind."""
+  if epoch == 1:
+    return f'no epoch had finished, so {workdir} holds no checkpoint yet.'
+  return f'the checkpoint and metrics of epoch {epoch - 1} in {workdir} are kept.'
+
+
 class _EpochMeter:
   """Adds up an epoch's step metrics, drives its progress bar, stops on a non-finite loss."""
 
@@ -79,9 +86,8 @@ class _EpochMeter:
       self.close()
       raise FloatingPointError(
         f'The loss became {metrics["loss"][bad[0]]} at epoch {self.epoch}, step '
-        f'{first_step + bad[0] + 1} of {self.steps_per_epoch}. Stopped; the checkpoint and '
-        f'metrics of epoch {self.epoch - 1} in {self.workdir} are kept. '
-        'Try a lower learning_rate.'
+        f'{first_step + bad[0] + 1} of {self.steps_per_epoch}. Stopped; '
+        f'{_kept(self.epoch, self.workdir)} Try a lower learning_rate.'
       )
     for key in self.sums:
       self.sums[key] += float(metrics[key].sum())
@@ -174,8 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     meter.close()
     if not _all_finite(state.params):
       raise FloatingPointError(
-        f'The parameters stopped being finite in epoch {epoch}. Stopped; the checkpoint '
-        f'and metrics of epoch {epoch - 1} in {workdir} are kept. Try a lower learning_rate.'
+        f'The parameters stopped being finite in epoch {epoch}. Stopped; '
+        f'{_kept(epoch, workdir)} Try a lower learning_rate.'
       )
 
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from typing import Any
 
 import ml_collections
@@ -131,10 +132,8 @@ class Checkpoints:
 
     self._ocp = ocp
     self.directory = (workdir / 'checkpoints').absolute()
-    self._manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-    )
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def save(self, epoch: int, state: Any) -> None:
     """Saves ``state`` (any pytree) as the checkpoint of ``epoch`` and waits for it."""
@@ -162,10 +161,22 @@ class Checkpoints:
       try:
         tree = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(target))
       except Exception as e:  # orbax raises many kinds; all mean unreadable
-        skipped.append(f'checkpoint {self.directory / str(epoch)}: {type(e).__name__}: {e}')
+        # Moved aside, not deleted: the next save of this epoch needs the name.
+        aside = self.directory / f'{epoch}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+        (self.directory / str(epoch)).rename(aside)
+        skipped.append(
+          f'checkpoint of epoch {epoch} ({type(e).__name__}: {str(e)[:200]}); moved to {aside}'
+        )
         continue
+      self._reopen()
       return epoch, serialization.from_state_dict(template, tree), skipped
+    self._reopen()
     return 0, template, skipped
+
+  def _reopen(self) -> None:
+    """A new manager, so that checkpoints moved aside are forgotten."""
+    self._manager.close()
+    self._manager = self._ocp.CheckpointManager(self.directory, options=self._options)
 
   def close(self) -> None:
     self._manager.close()
