@@ -125,6 +125,25 @@ def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
   return n
 
 
+def _first_value(x, reduction_axes, mask):
+  """The first (selected) value of each feature, with the reduced axes kept.
+
+  With a mask, masked-out entries may hold anything (padding, inf, NaN), so
+  the shift comes from the first selected entry, or is 0 if none is selected.
+  """
+  if mask is None:
+    first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
+    return x[first]
+  feature_axes = tuple(a for a in range(x.ndim) if a not in reduction_axes)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  flat = lambda v: jnp.transpose(v, reduction_axes + feature_axes).reshape(-1, *feature_shape)
+  selected = flat(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
+  index = jnp.argmax(selected, axis=0)
+  first = jnp.take_along_axis(flat(x), index[None], axis=0)[0]
+  first = jnp.where(selected.any(axis=0), first, 0)
+  return jnp.expand_dims(first, reduction_axes)
+
+
 def batch_statistics(
   x: jax.Array,
   reduction_axes: tuple[int, ...],
@@ -152,8 +171,7 @@ def batch_statistics(
   """
   reduce = lambda *vs: _mean(vs, reduction_axes, mask, axis_name, axis_index_groups)
   if use_fast_variance:
-    first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-    shift = lax.stop_gradient(x[first])
+    shift = lax.stop_gradient(_first_value(x, reduction_axes, mask))
     if axis_name is not None:
       shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
     mean_shifted, mean_sq = reduce(x - shift, lax.square(x - shift))
@@ -163,6 +181,46 @@ def batch_statistics(
     (mean,) = reduce(x)
     (var,) = reduce(lax.square(x - jnp.expand_dims(mean, reduction_axes)))
   return mean, var
+
+
+def _num_groups(x, feature_axes, virtual_batch_size) -> int:
+  if 0 in feature_axes:
+    raise ValueError(
+      'virtual_batch_size splits axis 0, the batch, into groups, but axis 0 is a '
+      f'feature axis here (feature axes {feature_axes}).'
+    )
+  if virtual_batch_size < 1 or x.shape[0] % virtual_batch_size:
+    raise ValueError(
+      f'virtual_batch_size={virtual_batch_size} does not divide the batch of '
+      f'{x.shape[0]} examples: use a divisor of the batch size.'
+    )
+  return x.shape[0] // virtual_batch_size
+
+
+def _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip):
+  """Batch renormalization's r and d (Ioffe, 2017), with gradients stopped.
+
+  ``r = clip(sigma_B / sigma, 1 / rmax, rmax)`` and ``d = clip((mu_B - mu) /
+  sigma, -dmax, dmax)``, where ``mu, sigma`` come from the running averages.
+  """
+  rmax, dmax = renorm_clip
+  running_std = jnp.sqrt(var + epsilon)
+  r = jnp.clip(jnp.sqrt(batch_var + epsilon) / running_std, 1.0 / rmax, rmax)
+  d = jnp.clip((batch_mean - mean) / running_std, -dmax, dmax)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def renorm_schedule(
+  step: ArrayLike, rmax: float, dmax: float, warmup_steps: int
+) -> tuple[jax.Array, jax.Array]:
+  """Batch renormalization's clipping bounds, widened linearly during warm-up.
+
+  ``(1, 0)`` (plain batch norm) at step 0, growing linearly to
+  ``(rmax, dmax)`` at ``warmup_steps`` and constant after (Ioffe, 2017,
+  relaxes them gradually in the same way).
+  """
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
+  return 1.0 + (rmax - 1.0) * progress, dmax * progress
 
 
 def batch_norm(
@@ -184,6 +242,8 @@ def batch_norm(
   axis_name: str | None = None,
   axis_index_groups: Any = None,
   dtype: DTypeLike | None = None,
+  virtual_batch_size: int | None = None,
+  renorm_clip: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> BatchNormOutput:
   r"""Batch normalization (Ioffe & Szegedy, 2015) of ``x`` along ``axis``.
 
@@ -222,6 +282,16 @@ def batch_norm(
     axis_index_groups: subgroups of ``axis_name`` to average over separately.
     dtype: output dtype; by default that of ``x``, ``scale`` and ``bias``
       promoted together.
+    virtual_batch_size: ghost batch norm (Hoffer et al., 2017): in training,
+      each run of this many consecutive examples along axis 0 is normalised
+      with its own statistics; the running averages are updated with the mean
+      of the groups' statistics. Must divide the batch.
+    renorm_clip: ``(rmax, dmax)`` for batch renormalization (Ioffe, 2017): in
+      training, ``y = scale * ((x - mu_B) / sigma_B * r + d) + bias`` with
+      ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) /
+      sigma, -dmax, dmax)``, ``mu, sigma`` from the running averages and no
+      gradient through ``r, d``. ``(1, 0)`` is plain batch norm; the values
+      may be traced (see `renorm_schedule`).
 
   Returns:
     ``BatchNormOutput(y, mean, var)``: ``y`` of the shape of ``x``, and the
@@ -236,11 +306,13 @@ def batch_norm(
       then be ``bias`` alone and the layer would learn nothing.
 
   Example:
-    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> x = jnp.arange(12.0).reshape(4, 3)  # a batch of 4, 3 features
     >>> y, mean, var = batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3),
-    ...                           use_running_average=False)
-    >>> mean
-    Array([0.45, 0.55, 0.65], dtype=float32)
+    ...                           use_running_average=False, momentum=0.5)
+    >>> mean  # 0.5 * 0 + 0.5 * [4.5, 5.5, 6.5]
+    Array([2.25, 2.75, 3.25], dtype=float32)
+    >>> var  # 0.5 * 1 + 0.5 * 11.25
+    Array([6.125, 6.125, 6.125], dtype=float32)
   """
   x = jnp.asarray(x)
   feature_axes = canonicalize_axes(x.ndim, axis)
@@ -258,46 +330,67 @@ def batch_norm(
   mean = jnp.asarray(mean)
   var = jnp.asarray(var)
 
+  # Statistics per group of examples: `virtual_batch_size` consecutive
+  # examples each (ghost batch norm), or the whole batch as one group. The
+  # input gets a leading group axis and the reduced axes move one to the right.
+  groups = 1
+  if virtual_batch_size is not None and not use_running_average:
+    groups = _num_groups(x, feature_axes, virtual_batch_size)
+  xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+  group_axes = tuple(a + 1 for a in reduction_axes)
+  stats_shape = [groups] + [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
+
   if use_running_average:
-    batch_mean, batch_var = mean, var
+    batch_mean, batch_var = mean[None], var[None]
     new_mean, new_var = mean, var
   else:
-    values_per_feature = math.prod(x.shape[a] for a in reduction_axes)
+    values_per_feature = math.prod(xg.shape[a] for a in group_axes)
     if values_per_feature == 1 and axis_name is None:
       raise ValueError(
         f'Training-mode batch norm of an input of shape {x.shape} with '
-        f'feature axes {feature_axes} averages a single value per feature: '
-        'the output would be the bias alone and nothing would be learned. '
-        'Use a batch of at least 2 examples, or use_running_average=True.'
+        f'feature axes {feature_axes} averages a single value per feature'
+        f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
+        'bias alone and nothing would be learned. Use a batch of at least 2 '
+        'examples, or use_running_average=True.'
       )
-    xs = x.astype(stats_dtype)
+    group_mask = None
+    if mask is not None:
+      group_mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(xg.shape)
     batch_mean, batch_var = batch_statistics(
-      xs,
-      reduction_axes,
+      xg.astype(stats_dtype),
+      group_axes,
       use_fast_variance=use_fast_variance,
-      mask=mask,
+      mask=group_mask,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
     )
     stored_var = batch_var
     if unbiased_running_var:
-      n = _count(x, reduction_axes, mask, axis_name, axis_index_groups)
+      n = _count(xg, group_axes, group_mask, axis_name, axis_index_groups)
       stored_var = batch_var * n / jnp.maximum(n - 1, 1)
+    # Ghost batch norm: the running averages take the mean over the groups.
+    update_mean, update_var = batch_mean.mean(0), stored_var.mean(0)
     if momentum is None:
       weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
-      new_mean = mean + weight * (batch_mean - mean)
-      new_var = var + weight * (stored_var - var)
+      new_mean = mean + weight * (update_mean - mean)
+      new_var = var + weight * (update_var - var)
     else:
-      new_mean = momentum * mean + (1.0 - momentum) * batch_mean
-      new_var = momentum * var + (1.0 - momentum) * stored_var
+      new_mean = momentum * mean + (1.0 - momentum) * update_mean
+      new_var = momentum * var + (1.0 - momentum) * update_var
 
-  shape = [1] * x.ndim
-  for a in feature_axes:
-    shape[a] = x.shape[a]
   multiplier = lax.rsqrt(batch_var + epsilon)
+  offset = None
+  if renorm_clip is not None and not use_running_average:
+    r, d = _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
+    multiplier, offset = multiplier * r, d
   if scale is not None:
     multiplier = multiplier * jnp.asarray(scale)
-  y = (x - batch_mean.reshape(shape)) * multiplier.reshape(shape)
+    offset = None if offset is None else offset * jnp.asarray(scale)
   if bias is not None:
-    y = y + jnp.asarray(bias).reshape(shape)
+    offset = jnp.asarray(bias) if offset is None else offset + jnp.asarray(bias)
+  y = (xg - batch_mean.reshape(stats_shape)) * multiplier.reshape(stats_shape)
+  if offset is not None:
+    offset = jnp.broadcast_to(offset, (groups, *jnp.shape(offset)[-len(feature_axes) :]))
+    y = y + offset.reshape(stats_shape)
+  y = y.reshape(x.shape)
   return BatchNormOutput(y.astype(dtype), new_mean, new_var)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jaxbn.functional import Axes, batch_norm, canonicalize_axes
+from jaxbn.functional import Axes, batch_norm, canonicalize_axes, renorm_schedule
 
 
 class BatchNorm(nn.Module):
@@ -51,6 +51,12 @@ class BatchNorm(nn.Module):
     force_float32_reductions: compute statistics and keep running averages in
       at least float32.
     unbiased_running_var: store the unbiased variance in the running average.
+    virtual_batch_size: ghost batch norm: normalise each run of this many
+      examples with its own statistics in training.
+    renorm_clip: ``(rmax, dmax)`` of batch renormalization, or None.
+    renorm_warmup_steps: steps over which the renorm bounds widen from
+      ``(1, 0)`` to ``renorm_clip`` (`jaxbn.renorm_schedule`), counted in
+      ``batch_stats['renorm_steps']``; 0 uses ``renorm_clip`` from the start.
   """
 
   use_running_average: bool | None = None
@@ -68,6 +74,9 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   unbiased_running_var: bool = False
+  virtual_batch_size: int | None = None
+  renorm_clip: tuple[float, float] | None = None
+  renorm_warmup_steps: int = 0
 
   @nn.compact
   def __call__(
@@ -92,10 +101,14 @@ class BatchNorm(nn.Module):
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, feature_shape, stats_dtype)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, feature_shape, stats_dtype)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, feature_shape, self.param_dtype)
     count = None
     if self.momentum is None:
       count = self.variable('batch_stats', 'count', jnp.zeros, (), jnp.int32)
+    renorm_clip, renorm_steps = self.renorm_clip, None
+    if renorm_clip is not None and self.renorm_warmup_steps:
+      renorm_steps = self.variable('batch_stats', 'renorm_steps', jnp.zeros, (), jnp.int32)
+      renorm_clip = renorm_schedule(renorm_steps.value, *renorm_clip, self.renorm_warmup_steps)
 
     def param(name, init, use):
       if not use:
@@ -127,10 +140,14 @@ class BatchNorm(nn.Module):
       axis_name=None if initializing else self.axis_name,
       axis_index_groups=None if initializing else self.axis_index_groups,
       dtype=self.dtype,
+      virtual_batch_size=self.virtual_batch_size,
+      renorm_clip=renorm_clip,
     )
     if not initializing and not use_running_average:
       ra_mean.value = new_mean
       ra_var.value = new_var
       if count is not None:
         count.value = count.value + 1
+      if renorm_steps is not None:
+        renorm_steps.value = renorm_steps.value + 1
     return y
