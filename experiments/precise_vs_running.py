@@ -1,0 +1,71 @@
+r"""Test accuracy per epoch with running averages vs precise statistics, over seeds.
+
+  python experiments/seeds.py --configs lenet_bn_precise --out experiments/results/precise
+  python experiments/precise_vs_running.py experiments/results/precise
+
+Each run of configs/lenet_bn_precise.py evaluates twice per epoch: with the
+EMA running averages (test_accuracy_running, what the chapter reports) and
+with precise statistics (test_accuracy). Writes precise.md and precise.png.
+"""
+
+import json
+import pathlib
+import statistics
+import sys
+
+
+def main(out: pathlib.Path):
+  runs = [
+    [json.loads(line) for line in (d / 'metrics.jsonl').read_text().splitlines()]
+    for d in sorted(out.glob('lenet_bn_precise-seed*'))
+  ]
+  runs = [r for r in runs if len(r) == len(runs[0])]
+  epochs = [r['epoch'] for r in runs[0]]
+  series = {}
+  for key, label in (('test_accuracy_running', 'running averages'), ('test_accuracy', 'precise')):
+    per_epoch = list(zip(*[[x[key] for x in r] for r in runs], strict=True))
+    series[label] = [statistics.median(e) for e in per_epoch]
+  rows = [
+    f'{len(runs)} seeds, median test accuracy per epoch\n',
+    '| statistics | ' + ' | '.join(str(e) for e in epochs) + ' | range epochs 5-10 |',
+    '|---' * (len(epochs) + 2) + '|',
+  ]
+  for label, values in series.items():
+    tail = values[4:]
+    rows.append(
+      f'| {label} | '
+      + ' | '.join(f'{v:.3f}' for v in values)
+      + f' | {min(tail):.3f} - {max(tail):.3f} |'
+    )
+  final = {
+    label: [r[-1][key] for r in runs]
+    for key, label in (('test_accuracy_running', 'running'), ('test_accuracy', 'precise'))
+  }
+  rows.append('')
+  for label, values in final.items():
+    rows.append(f'epoch {epochs[-1]}, {label}: ' + ', '.join(f'{v:.3f}' for v in values))
+  (out / 'precise.md').write_text('\n'.join(rows) + '\n')
+  print('\n'.join(rows))
+
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+  for r in runs:
+    ax.plot(epochs, [x['test_accuracy_running'] for x in r], color='C1', alpha=0.3, lw=0.8)
+    ax.plot(epochs, [x['test_accuracy'] for x in r], color='C0', alpha=0.3, lw=0.8)
+  ax.plot(epochs, series['running averages'], color='C1', lw=2, label='running averages (EMA)')
+  ax.plot(epochs, series['precise'], color='C0', lw=2, label='precise statistics')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('test accuracy')
+  ax.set_title(f'LeNet-BN, lr 1.0: {len(runs)} seeds (thin) and median (thick)', fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / 'precise.png')
+
+
+if __name__ == '__main__':
+  main(pathlib.Path(sys.argv[1]))
