@@ -381,13 +381,17 @@ def batch_norm(
   multiplier = lax.rsqrt(batch_var + epsilon)
   offset = None
   if renorm_clip is not None and not use_running_average:
-    r, d = _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
+    r, d = _renorm_correction(batch_mean, batch_var, mean[None], var[None], epsilon, renorm_clip)
     multiplier, offset = multiplier * r, d
+  # Per-feature values get the leading group axis of the statistics: no
+  # implicit rank promotion (which jax_numpy_rank_promotion='raise' rejects).
   if scale is not None:
-    multiplier = multiplier * jnp.asarray(scale)
-    offset = None if offset is None else offset * jnp.asarray(scale)
+    scale = jnp.asarray(scale)[None]
+    multiplier = multiplier * scale
+    offset = None if offset is None else offset * scale
   if bias is not None:
-    offset = jnp.asarray(bias) if offset is None else offset + jnp.asarray(bias)
+    bias = jnp.asarray(bias)[None]
+    offset = bias if offset is None else offset + bias
   y = (xg - batch_mean.reshape(stats_shape)) * multiplier.reshape(stats_shape)
   if offset is not None:
     offset = jnp.broadcast_to(offset, (groups, *jnp.shape(offset)[-len(feature_axes) :]))

@@ -101,7 +101,7 @@ class BatchNorm(nn.Module):
     feature_shape = tuple(jnp.shape(x)[a] for a in feature_axes)
     stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, feature_shape, stats_dtype)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, feature_shape, self.param_dtype)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, feature_shape, stats_dtype)
     count = None
     if self.momentum is None:
       count = self.variable('batch_stats', 'count', jnp.zeros, (), jnp.int32)
