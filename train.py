@@ -10,7 +10,8 @@ Configs: configs/lenet_bn.py (from-scratch BN, lr 1.0), configs/lenet_bn_flax.py
 
 The workdir (default workdirs/<config>-<time>) receives config.json, metrics.jsonl,
 curves.png and orbax checkpoints; rerunning with the same --workdir and config
-resumes from the last checkpoint. Runs on the first device JAX finds (GPU if any).
+resumes from the last checkpoint. Trains data-parallel on all devices JAX finds
+(GPUs if any; several hosts with --config.distributed.coordinator_address).
 """
 
 import pathlib

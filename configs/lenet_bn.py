@@ -18,6 +18,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Decay of the running averages: ra = momentum * ra + (1 - momentum) * batch.
   config.bn_momentum = 0.9
   config.bn_epsilon = 1e-5
+  # Ghost batch norm: normalise each run of this many examples on its own (0: off).
+  config.bn_virtual_batch_size = 0
+  # Batch renormalization (Ioffe, 2017): r clipped to [1/rmax, rmax], d to
+  # [-dmax, dmax], widened from (1, 0) over the warm-up steps (rmax 0: off).
+  config.bn_renorm_rmax = 0.0
+  config.bn_renorm_dmax = 0.0
+  config.bn_renorm_warmup_steps = 0
 
   config.learning_rate = 1.0
   config.batch_size = 256
@@ -34,6 +41,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.steps_per_dispatch = 1
   config.eval_batch_size = 2000
   config.progress_bar = True
+
+  # Data parallelism over all devices (jaxbn.parallel); batch_size is the
+  # global batch and must be divisible by the number of devices.
+  # 'global': batch statistics over the whole global batch (synchronized BN);
+  # 'per_device': each device normalises its own shard (as ghost BN does).
+  config.bn_stats = 'global'
+  # Multi-host start-up (jax.distributed.initialize). coordinator_address:
+  # '' = one process; 'host:port' of process 0; 'auto' = let JAX detect the
+  # cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). num_processes 0 and
+  # process_id -1 mean: taken from the cluster environment.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
 
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = (

@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 
 from jaxbn import data as data_lib
-from jaxbn import models, precise, training
+from jaxbn import models, parallel, precise, training
 from jaxbn import workdir as workdir_lib
 
 
@@ -41,8 +41,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.precise_bn_examples and config.norm == 'none':
     raise ConfigError("config.precise_bn_examples needs batch norm: set it to 0 for norm='none'.")
+  vbs = config.bn_virtual_batch_size
+  if vbs and (vbs < 2 or config.batch_size % vbs):
+    raise ConfigError(
+      f'config.bn_virtual_batch_size={vbs} must be at least 2 and divide '
+      f'config.batch_size={config.batch_size} (0 turns ghost batch norm off).'
+    )
+  if (vbs or config.bn_renorm_rmax) and config.norm != 'jaxbn':
+    raise ConfigError("Ghost BN and batch renormalization need config.norm='jaxbn'.")
+  if config.bn_renorm_rmax and (config.bn_renorm_rmax < 1 or config.bn_renorm_dmax < 0):
+    raise ConfigError('Batch renormalization needs bn_renorm_rmax >= 1 and bn_renorm_dmax >= 0.')
   if config.bn_momentum is not None and not 0.0 <= config.bn_momentum <= 1.0:
     raise ConfigError(f'config.bn_momentum={config.bn_momentum} must be in [0, 1].')
+  if config.bn_stats not in parallel.BN_STATS:
+    raise ConfigError(
+      f'config.bn_stats={config.bn_stats!r} is unknown: use one of {parallel.BN_STATS}.'
+    )
 
 
 def _steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
@@ -119,8 +133,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       the last good checkpoint and metrics are kept.
   """
   validate_config(config)
-  workdir = workdir_lib.prepare(workdir, config)
-  device = jax.devices()[0]
+  # Data parallelism (jaxbn.parallel): a 'data' mesh over the devices of all processes.
+  parallel.initialize_distributed(config.distributed)
+  mesh = parallel.make_mesh()
+  if config.batch_size % mesh.size:
+    raise ConfigError(
+      f'config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices: '
+      f'each takes an equal block of the global batch. Use a multiple of {mesh.size}.'
+    )
+  # The start-up settings (process_id differs between processes) are not part of the run.
+  run_config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != 'distributed'})
+  workdir = workdir_lib.prepare(workdir, run_config)
+  device = parallel.describe(mesh)
   dataset = data_lib.load_fashion_mnist(
     config.data.data_dir or None, config.data.idx_dir or None, config.data.download
   ).subset(config.data.num_train, config.data.num_test)
@@ -142,23 +166,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if start_epoch:
     print(f'resuming {workdir} after epoch {start_epoch}')
 
-  train_images, train_labels = jax.device_put((dataset.train_images, dataset.train_labels), device)
-  test_batches = jax.device_put(
-    training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size),
-    device,
+  state, train_images, train_labels = parallel.replicate(
+    mesh, (state, dataset.train_images, dataset.train_labels)
+  )
+  test_batches = parallel.shard_eval_batches(
+    mesh, *training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
   )
   steps_per_epoch = num_train // config.batch_size
   chunk = _steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
-  indices_shape = jax.ShapeDtypeStruct((chunk, config.batch_size), jnp.int32)
+  indices_shape = jax.ShapeDtypeStruct(
+    (chunk, config.batch_size), jnp.int32, sharding=parallel.replicated(mesh)
+  )
 
   start = time.perf_counter()
   train_chunk = (
-    jax.jit(training.train_steps, donate_argnums=0)
+    parallel.make_train_steps(state.apply_fn, mesh, config.bn_stats)
     .lower(state, train_images, train_labels, indices_shape)
     .compile()
   )
   evaluate = jax.jit(training.evaluate).lower(state, *test_batches).compile()
-  shuffle = jax.jit(training.shuffled_batches, static_argnums=(1, 2))
+  shuffle = jax.jit(
+    training.shuffled_batches, static_argnums=(1, 2), out_shardings=parallel.replicated(mesh)
+  )
   compile_seconds = time.perf_counter() - start
   print(f'compiled in {compile_seconds:.1f} s on {device}; {steps_per_epoch} steps per epoch')
 
@@ -214,10 +243,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     record['examples_per_sec'] = record['train_examples'] / train_seconds
     checkpoints.save(epoch, state)
     records.append(record)
-    workdir_lib.write_metrics(workdir, records)
-    workdir_lib.plot_curves(
-      workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
-    )
+    if jax.process_index() == 0:  # orbax coordinates the processes' checkpoints itself
+      workdir_lib.write_metrics(workdir, records)
+      workdir_lib.plot_curves(
+        workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
+      )
     print(
       f'epoch {epoch:>{len(str(config.num_epochs))}}/{config.num_epochs}  '
       f'loss {record["train_loss"]:.3f}  train acc {record["train_accuracy"]:.3f}  '

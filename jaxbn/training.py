@@ -32,7 +32,13 @@ class TrainState(train_state.TrainState):
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """Initializes the model of ``config`` and ``optax.sgd(config.learning_rate)``."""
   model = models.create_model(
-    config.model, norm=config.norm, momentum=config.bn_momentum, epsilon=config.bn_epsilon
+    config.model,
+    norm=config.norm,
+    momentum=config.bn_momentum,
+    epsilon=config.bn_epsilon,
+    virtual_batch_size=config.bn_virtual_batch_size or None,
+    renorm_clip=(config.bn_renorm_rmax, config.bn_renorm_dmax) if config.bn_renorm_rmax else None,
+    renorm_warmup_steps=config.bn_renorm_warmup_steps,
   )
   variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
   state = TrainState.create(
@@ -108,7 +114,10 @@ def train_steps(
     return train_step(state, {'image': images[idx], 'label': labels[idx]})
 
   if batch_indices.shape[0] == 1:
-    # XLA:CPU runs a step inside a loop several times slower than alone.
+    # One step needs no loop. (Inside loops XLA:CPU hands convolutions that are
+    # not NHWC/HWIO, as backward passes have, to a naive loop emitter, since
+    # its ConvCanonicalization pass visits the entry computation only.
+    # models.LeNet has no convolution ops, so its steps run as fast in a scan.)
     state, metrics = body(state, batch_indices[0])
     return state, jax.tree.map(lambda m: m[None], metrics)
   return jax.lax.scan(body, state, batch_indices)

@@ -37,3 +37,20 @@ hypothesis.settings.register_profile(
   'thorough', parent=hypothesis.settings.get_profile('jaxbn'), max_examples=1000
 )
 hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'jaxbn'))
+
+
+def pytest_collection_modifyitems(config, items):
+  """tests/test_parallel.py runs in two sessions: keep each test in its own.
+
+  `on_8_devices` tests need 8 host devices (XLA_FLAGS, set before JAX starts,
+  by the subprocess of test_on_8_host_devices); `main_session` tests run in
+  the ordinary session. The others are deselected, not skipped.
+  """
+  eight = jax.device_count() == 8
+  keep, drop = [], []
+  for item in items:
+    wrong = item.get_closest_marker('on_8_devices' if not eight else 'main_session')
+    (drop if wrong else keep).append(item)
+  if drop:
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep

@@ -136,15 +136,18 @@ class BatchRenormTest(chex.TestCase):
     eps, (rmax, dmax) = 1e-5, (1.5, 0.5)
     xb = np.asarray(x, np.float64)
     sigma_b, sigma = np.sqrt(xb.var((0, 1, 2)) + eps), np.sqrt(np.asarray(var, np.float64) + eps)
-    r = jnp.asarray(np.clip(sigma_b / sigma, 1 / rmax, rmax), jnp.float32)
-    d = jnp.asarray(np.clip((xb.mean((0, 1, 2)) - mean) / sigma, -dmax, dmax), jnp.float32)
+    r = jnp.asarray(np.clip(sigma_b / sigma, 1 / rmax, rmax), jnp.float32).reshape(1, 1, 1, -1)
+    d = jnp.asarray(np.clip((xb.mean((0, 1, 2)) - mean) / sigma, -dmax, dmax), jnp.float32).reshape(
+      1, 1, 1, -1
+    )
     assert np.all(r == rmax) or np.any(np.abs(d) == dmax)  # the clipping is active
 
     def with_constants(x):
       xhat = (x - x.mean((0, 1, 2), keepdims=True)) / jnp.sqrt(
         x.var((0, 1, 2), keepdims=True) + eps
       )
-      return jnp.sum(jnp.sin(scale * (xhat * r + d) + bias))
+      per_channel = lambda v: v.reshape(1, 1, 1, -1)
+      return jnp.sum(jnp.sin(per_channel(scale) * (xhat * r + d) + per_channel(bias)))
 
     def renorm(x):
       y = jaxbn.batch_norm(

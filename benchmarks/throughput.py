@@ -1,0 +1,297 @@
+r"""Training throughput of jaxbn's LeNet and of the chapter's PyTorch LeNet, in one run.
+
+  python benchmarks/throughput.py                      # about 3 minutes on 2 CPU cores
+  python benchmarks/throughput.py --steps 10 --repeats 3 --skip-torch --epochs 0
+  python benchmarks/throughput.py --json bench.json    # the table as JSON too
+
+Measures steady-state training examples/s at batch 256 on real Fashion-MNIST
+(`jaxbn.data.load_fashion_mnist`) for jaxbn's LeNet with each normalisation
+('jaxbn', 'flax', 'none'; configs/lenet_bn.py otherwise) and, when PyTorch is
+importable, for D2L's PyTorch LeNet-BN with its from-scratch BatchNorm and with
+nn.BatchNorm (benchmarks/torch_lenet.py, torch.set_num_threads(2)). Every
+variant is compiled (JAX) or warmed up first; then ``--repeats`` rounds time
+``--steps`` steps of each variant in turn, so that all see the same machine
+load, and a figure is the median over rounds. JAX steps are dispatched as
+`jaxbn.trainer` dispatches them (``steps_per_dispatch`` of the config, each
+step's metrics read one step late); PyTorch steps are ``d2l.train_ch6``'s.
+
+The 10-epoch wall time of each variant is extrapolated: compile time + 10 x
+(one epoch of full batches at the measured rate + one evaluation of the test
+set). With ``--epochs N`` (default 10) the default config (norm 'jaxbn') is
+also trained end to end for N epochs by `jaxbn.trainer.train_and_evaluate` in
+a temporary workdir, data loading, checkpoints and plots included, and that
+wall time is reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for the configs/ package
+
+from configs import lenet_bn  # noqa: E402
+from jaxbn import data as data_lib  # noqa: E402
+from jaxbn import trainer, training  # noqa: E402
+
+JAX_NORMS = ('jaxbn', 'flax', 'none')
+REFERENCE = 'torch nn.BatchNorm'
+EPOCHS = 10
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description='Training throughput of jaxbn and PyTorch LeNets.')
+  parser.add_argument('--steps', type=int, default=40, help='training steps per timed round')
+  parser.add_argument('--repeats', type=int, default=7, help='timed rounds; the median is kept')
+  parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
+  parser.add_argument('--batch-size', type=int, default=256)
+  parser.add_argument('--skip-torch', action='store_true', help='time the JAX variants only')
+  parser.add_argument(
+    '--epochs', type=int, default=EPOCHS, help='epochs of the measured end-to-end run (0: skip)'
+  )
+  parser.add_argument('--json', type=pathlib.Path, help='also write the results to this file')
+  return parser.parse_args(argv)
+
+
+class JaxVariant:
+  """jaxbn's LeNet with one normalisation, compiled and dispatched as `jaxbn.trainer` does."""
+
+  framework = 'jax'
+
+  def __init__(self, norm: str, dataset: data_lib.Dataset, batch_size: int):
+    self.name = f'jaxbn LeNet, norm={norm}'
+    config = lenet_bn.get_config()
+    config.norm = norm
+    config.batch_size = batch_size
+    self.batch_size = batch_size
+    self.state = training.create_train_state(config, jax.random.key(config.seed))
+    self.images, self.labels = jax.device_put((dataset.train_images, dataset.train_labels))
+    self.chunk = max(1, config.steps_per_dispatch)
+    indices = jax.ShapeDtypeStruct((self.chunk, batch_size), jnp.int32)
+    start = time.perf_counter()
+    self.train = (
+      jax.jit(training.train_steps, donate_argnums=0)
+      .lower(self.state, self.images, self.labels, indices)
+      .compile()
+    )
+    self.compile_seconds = time.perf_counter() - start
+    self.test = jax.device_put(
+      training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+    )
+    self.evaluate = jax.jit(training.evaluate).lower(self.state, *self.test).compile()
+    self.rng = jax.random.key(config.seed)
+
+  def run(self, steps: int) -> float:
+    """Trains ``steps`` steps (whole dispatches); returns their wall seconds."""
+    self.rng, rng = jax.random.split(self.rng)
+    dispatches = -(-steps // self.chunk)
+    batches = training.shuffled_batches(rng, len(self.labels), self.batch_size)
+    batches = batches[: dispatches * self.chunk].reshape(dispatches, self.chunk, -1)
+    jax.block_until_ready(batches)
+    start = time.perf_counter()
+    pending = None
+    for c in range(dispatches):
+      self.state, metrics = self.train(self.state, self.images, self.labels, batches[c])
+      if pending is not None:
+        jax.device_get(pending)
+      pending = metrics
+    jax.device_get(pending)
+    return time.perf_counter() - start
+
+  def eval_seconds(self) -> float:
+    start = time.perf_counter()
+    jax.device_get(self.evaluate(self.state, *self.test))
+    return time.perf_counter() - start
+
+
+class TorchVariant:
+  """D2L's PyTorch LeNet-BN (benchmarks/torch_lenet.py), trained as ``d2l.train_ch6`` does."""
+
+  framework = 'torch'
+  compile_seconds = 0.0
+
+  def __init__(self, norm: str, dataset: data_lib.Dataset, batch_size: int):
+    import torch
+    import torch_lenet
+
+    self.torch = torch
+    self.name = {'scratch': 'torch LeNet, D2L BatchNorm', 'nn': REFERENCE}[norm]
+    torch.manual_seed(0)
+    self.trainer = torch_lenet.Trainer(torch_lenet.lenet(norm), lr=1.0)
+    nchw = lambda images: torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    self.images, self.labels = nchw(dataset.train_images), torch.from_numpy(dataset.train_labels)
+    self.labels = self.labels.long()
+    self.test_images = nchw(dataset.test_images)
+    self.batch_size = batch_size
+
+  def run(self, steps: int) -> float:
+    order = self.torch.randperm(len(self.labels))
+    batches = order[: steps * self.batch_size].reshape(steps, self.batch_size)
+    self.trainer.net.train()
+    start = time.perf_counter()
+    for idx in batches:
+      self.trainer.step(self.images[idx], self.labels[idx])
+    return time.perf_counter() - start
+
+  def eval_seconds(self) -> float:
+    """``d2l.evaluate_accuracy_gpu``'s forward passes over the test set in batches."""
+    net = self.trainer.net.eval()
+    start = time.perf_counter()
+    with self.torch.no_grad():
+      for images in self.test_images.split(self.batch_size):
+        net(images).argmax(dim=1)
+    return time.perf_counter() - start
+
+
+def torch_available() -> bool:
+  try:
+    import torch
+  except ImportError:
+    return False
+  torch.set_num_threads(2)
+  return True
+
+
+def end_to_end_seconds(epochs: int, batch_size: int) -> dict:
+  """Wall seconds of `trainer.train_and_evaluate` (default config) for ``epochs`` epochs."""
+  config = lenet_bn.get_config()
+  config.num_epochs = epochs
+  config.batch_size = batch_size
+  config.progress_bar = False
+  with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):
+    start = time.perf_counter()
+    summary = trainer.train_and_evaluate(config, pathlib.Path(workdir) / 'run')
+    seconds = time.perf_counter() - start
+  return {
+    'epochs': epochs,
+    'seconds': seconds,
+    'examples_per_sec': summary['examples_per_sec'],
+    'compile_seconds': summary['compile_seconds'],
+    'test_accuracy': summary['test_accuracy'],
+  }
+
+
+def device_description() -> str:
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
+    cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  return f'{device.platform} ({cpu}, {os.cpu_count()} cores)'
+
+
+def measure(args: argparse.Namespace) -> dict:
+  dataset = data_lib.load_fashion_mnist()
+  steps_per_epoch = len(dataset.train_labels) // args.batch_size
+  variants = [JaxVariant(norm, dataset, args.batch_size) for norm in JAX_NORMS]
+  torch_version = None
+  if not args.skip_torch and torch_available():
+    import torch
+
+    torch_version = torch.__version__
+    variants += [TorchVariant(norm, dataset, args.batch_size) for norm in ('scratch', 'nn')]
+  load_before = os.getloadavg()
+  for variant in variants:
+    variant.run(args.warmup)
+  seconds = {v.name: [] for v in variants}
+  for _ in range(args.repeats):
+    for variant in variants:
+      seconds[variant.name].append(variant.run(args.steps))
+  load_after = os.getloadavg()
+
+  rows = []
+  examples = args.steps * args.batch_size
+  for variant in variants:
+    rate = examples / statistics.median(seconds[variant.name])
+    eval_seconds = min(variant.eval_seconds() for _ in range(3))
+    epoch_seconds = steps_per_epoch * args.batch_size / rate
+    rows.append({
+      'variant': variant.name,
+      'framework': variant.framework,
+      'examples_per_sec': rate,
+      'examples_per_sec_each_round': [examples / s for s in seconds[variant.name]],
+      'compile_seconds': variant.compile_seconds,
+      'eval_seconds': eval_seconds,
+      'ten_epoch_seconds_extrapolated': (
+        variant.compile_seconds + EPOCHS * (epoch_seconds + eval_seconds)
+      ),
+    })  # fmt: skip
+  reference = next((r['examples_per_sec'] for r in rows if r['variant'] == REFERENCE), None)
+  for row in rows:
+    row['ratio_to_torch_nn_batchnorm'] = reference and row['examples_per_sec'] / reference
+  return {
+    'device': device_description(),
+    'jax_version': jax.__version__,
+    'torch_version': torch_version,
+    'torch_threads': 2 if torch_version else None,
+    'batch_size': args.batch_size,
+    'steps_per_round': args.steps,
+    'rounds': args.repeats,
+    'load_average_before_after': [load_before[0], load_after[0]],
+    'rows': rows,
+    'end_to_end': end_to_end_seconds(args.epochs, args.batch_size) if args.epochs else None,
+  }
+
+
+def print_table(results: dict) -> None:
+  print(f'device: {results["device"]}; jax {results["jax_version"]}', end='')
+  if results['torch_version']:
+    print(f', torch {results["torch_version"]} ({results["torch_threads"]} threads)', end='')
+  load = results['load_average_before_after']
+  print(
+    f'\nbatch {results["batch_size"]}, median of {results["rounds"]} interleaved rounds of '
+    f'{results["steps_per_round"]} steps; 1-min load average {load[0]:.1f} -> {load[1]:.1f}\n'
+  )
+  header = (
+    f'{"variant":<30} {"examples/s":>10} {"vs " + REFERENCE:>22} {"compile s":>9} '
+    f'{"10-epoch s*":>11}'
+  )
+  print(header)
+  print('-' * len(header))
+  for row in results['rows']:
+    ratio = row['ratio_to_torch_nn_batchnorm']
+    print(
+      f'{row["variant"]:<30} {row["examples_per_sec"]:>10,.0f} '
+      f'{f"{ratio:.2f}x" if ratio else "-":>22} {row["compile_seconds"]:>9.1f} '
+      f'{row["ten_epoch_seconds_extrapolated"]:>11.1f}'
+    )
+  rates = {row['variant']: row['examples_per_sec'] for row in results['rows']}
+  print(
+    '\n* extrapolated: compile + 10 x (one epoch at the median rate + one test-set evaluation).'
+    f'\njaxbn BN / flax BN throughput: '
+    f'{rates["jaxbn LeNet, norm=jaxbn"] / rates["jaxbn LeNet, norm=flax"]:.2f}'
+  )
+  e2e = results['end_to_end']
+  if e2e:
+    print(
+      f'measured: `train_and_evaluate` of configs/lenet_bn.py, {e2e["epochs"]} epochs: '
+      f'{e2e["seconds"]:.1f} s wall (data, compile {e2e["compile_seconds"]:.1f} s, '
+      f'{e2e["examples_per_sec"]:,.0f} examples/s in training, evaluation, checkpoints, '
+      f'plots; test accuracy {e2e["test_accuracy"]:.3f})'
+    )
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  results = measure(args)
+  print_table(results)
+  if args.json:
+    args.json.write_text(json.dumps(results, indent=2) + '\n')
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,293 @@
+"""Data-parallel training (jaxbn.parallel) against single-device references.
+
+Host CPU devices are set by XLA_FLAGS before JAX starts, so
+`test_on_8_host_devices` runs this module again in a subprocess with 8 of
+them; the tests marked `on_8_devices` run there (and are deselected in a
+session with fewer devices); the others run only in the ordinary session.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from configs import lenet_bn
+from jaxbn import parallel, trainer, training
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_DEVICES = 8
+# tests/conftest.py deselects (rather than skips) the tests of the other session.
+on_8_devices = pytest.mark.on_8_devices
+in_main_session = pytest.mark.main_session
+ON_8_DEVICES_COUNT = 10  # tests and parametrizations marked on_8_devices
+# Unequal real examples per device for a global batch of 32 (4 per device);
+# device 3 holds none.
+REAL_PER_DEVICE = (4, 1, 3, 0, 2, 4, 1, 2)
+# Float32 tolerance for parameters after two steps at the config's learning
+# rate 1.0: merely permuting the batch on one device moves them by up to
+# 1e-6 (jaxbn) or 4e-6 (flax's one-pass variance); wrong statistics move them
+# by 1e-2 or more.
+TOLERANCE = {'rtol': 1e-5, 'atol': 2e-5}
+
+
+def config_for(**overrides):
+  config = lenet_bn.get_config()
+  config.update(overrides)
+  return config
+
+
+def fake_batch(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    'image': rng.uniform(size=(n, 28, 28, 1)).astype(np.float32),
+    'label': rng.integers(0, 10, n).astype(np.int32),
+  }
+
+
+def unequal_mask():
+  return np.concatenate([np.arange(4) < r for r in REAL_PER_DEVICE])
+
+
+def run_parallel(state, batches, bn_stats='global', mesh=None):
+  """Runs `parallel.make_train_step` over ``batches``; returns (state, per-step metrics)."""
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  step = parallel.make_train_step(state.apply_fn, mesh, bn_stats)
+  state = parallel.replicate(mesh, state)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, parallel.shard_batch(mesh, batch))
+    metrics.append(m)
+  return jax.device_get((state, metrics))
+
+
+def run_single(state, batches):
+  step = jax.jit(training.train_step)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, batch)
+    metrics.append(m)
+  return jax.device_get((state, metrics))
+
+
+def assert_states_close(a, b, **tolerance):
+  chex.assert_trees_all_close((a.params, a.batch_stats), (b.params, b.batch_stats), **tolerance)
+  assert int(a.step) == int(b.step)
+
+
+@in_main_session
+@pytest.mark.slow  # spawns a process
+def test_on_8_host_devices():
+  """Runs this module's 8-device tests in a subprocess with 8 host CPU devices."""
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={NUM_DEVICES}',
+  )
+  result = subprocess.run(
+    [sys.executable, '-m', 'pytest', __file__, '-q', '-p', 'no:cacheprovider', '--durations=5'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  print(result.stdout[-3000:])
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+  # Every 8-device test ran there: none was skipped or deselected.
+  ran = int(re.search(r'(\d+) passed', result.stdout).group(1))
+  assert ran == ON_8_DEVICES_COUNT and 'skipped' not in result.stdout, result.stdout[-2000:]
+
+
+@in_main_session
+def test_one_device_step_equals_the_single_device_step():
+  """Both BN modes are one on one device; XLA fuses the shard_map differently (last bits)."""
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  batches = [fake_batch(16, seed=i) for i in range(2)]
+  got, got_metrics = run_parallel(state, batches, mesh=mesh)
+  want, want_metrics = run_single(state, batches)
+  assert_states_close(got, want, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-6)
+
+
+def train_steps_on(mesh, state, data, indices):
+  """`parallel.make_train_steps` on ``mesh`` over ``indices`` (S, B) into ``data``."""
+  images, labels = parallel.replicate(mesh, (data['image'], data['label']))
+  indices = parallel.replicate(mesh, indices)
+  steps = parallel.make_train_steps(state.apply_fn, mesh)
+  return jax.device_get(steps(parallel.replicate(mesh, state), images, labels, indices))
+
+
+@in_main_session
+def test_one_device_train_steps_are_exactly_the_single_device_steps():
+  """What the trainer runs on one device: `training.train_steps`, to the last bit."""
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  data = fake_batch(16)
+  indices = np.arange(16, dtype=np.int32).reshape(1, 16)
+  got = train_steps_on(parallel.make_mesh(jax.devices()[:1]), state, data, indices)
+  want = jax.jit(training.train_steps)(state, data['image'], data['label'], indices)
+  chex.assert_trees_all_equal(got, jax.device_get(want))
+
+
+def test_sync_model_keeps_the_model_options():
+  config = config_for(bn_virtual_batch_size=2)
+  state = training.create_train_state(config, jax.random.key(0))
+  mesh = parallel.make_mesh()
+  model = parallel.sync_model(state.apply_fn, mesh, 'global')
+  assert model.virtual_batch_size == 2 and model.momentum == config.bn_momentum
+  assert model.axis_name == (parallel.DATA if mesh.size > 1 else None)
+  assert parallel.sync_model(state.apply_fn, mesh, 'per_device').axis_name is None
+  with pytest.raises(ValueError, match='bn_stats'):
+    parallel.sync_model(state.apply_fn, mesh, 'sync')
+
+
+@in_main_session
+def test_unknown_bn_stats_is_a_config_error():
+  with pytest.raises(trainer.ConfigError, match=r"bn_stats='sync' is unknown"):
+    trainer.validate_config(config_for(bn_stats='sync'))
+
+
+@on_8_devices
+@pytest.mark.parametrize('norm', ['jaxbn', 'flax'])
+def test_global_statistics_equal_the_single_device_step(norm):
+  """Two steps on 8 devices (4 examples each) = two steps on one device, whole batch."""
+  state = training.create_train_state(config_for(norm=norm), jax.random.key(0))
+  batches = [fake_batch(seed=i) for i in range(2)]
+  got, got_metrics = run_parallel(state, batches, 'global')
+  want, want_metrics = run_single(state, batches)
+  assert_states_close(got, want, **TOLERANCE)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-5)
+
+
+@on_8_devices
+def test_train_steps_over_indices_equal_single_device_steps():
+  """The trainer's path: replicated data, index rows cut into blocks, steps in a scan."""
+  num_steps = 2
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  data = fake_batch(64)
+  indices = np.random.default_rng(1).permutation(64)[: num_steps * 32].reshape(num_steps, 32)
+  got_state, got_metrics = train_steps_on(parallel.make_mesh(), state, data, indices)
+  want_state, want_metrics = jax.device_get(
+    jax.jit(training.train_steps)(state, data['image'], data['label'], indices.astype(np.int32))
+  )
+  chex.assert_shape(got_metrics['loss'], (num_steps,))
+  assert_states_close(got_state, want_state, **TOLERANCE)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-5)
+
+
+def per_shard_reference_step(state, batch, num_shards):
+  """One step in which each of ``num_shards`` blocks of the batch is normalised on its own.
+
+  The model is vmapped over the blocks (BN reduces only over each block);
+  the loss is the mean over all examples and the new running averages the
+  mean of the blocks' running averages.
+  """
+  blocks = jax.tree.map(lambda x: x.reshape(num_shards, -1, *x.shape[1:]), batch)
+
+  def loss_fn(params):
+    def apply(images):
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      return state.apply_fn(variables, images, train=True, mutable=['batch_stats'])
+
+    logits, updates = jax.vmap(apply)(blocks['image'])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, blocks['label'])
+    return losses.mean(), updates['batch_stats']
+
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  stats = jax.tree.map(lambda s: s.mean(0), stats)
+  return state.apply_gradients(grads=grads, batch_stats=stats), loss
+
+
+@on_8_devices
+def test_per_device_statistics_normalise_each_shard_on_its_own():
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  batches = [fake_batch(seed=i) for i in range(2)]
+  got, got_metrics = run_parallel(state, batches, 'per_device')
+  want = state
+  reference = jax.jit(per_shard_reference_step, static_argnums=2)
+  for batch, metrics in zip(batches, got_metrics, strict=True):
+    want, loss = reference(want, batch, NUM_DEVICES)
+    np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
+  # (With global statistics the parameters end up 0.5 away from this reference.)
+  assert_states_close(got, jax.device_get(want), **TOLERANCE)
+
+
+@on_8_devices
+def test_masked_statistics_are_those_of_the_real_examples():
+  """jaxbn.BatchNorm with axis_name over unequal shards = float64 NumPy over the real rows."""
+  rng = np.random.default_rng(0)
+  mask = unequal_mask()
+  x = rng.normal(3.0, 2.0, size=(32, 5, 5, 3)).astype(np.float32)
+  x[~mask] = 1e4  # padding far from the data: it must not enter the statistics
+  bn = jaxbn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=parallel.DATA)
+  variables = bn.init(jax.random.key(0), x[:4])
+
+  def apply(variables, x, mask):
+    return bn.apply(variables, x, mask=mask.reshape(-1, 1, 1, 1), mutable=['batch_stats'])
+
+  sharded = jax.shard_map(
+    apply,
+    mesh=parallel.make_mesh(),
+    in_specs=(P(), P(parallel.DATA), P(parallel.DATA)),
+    out_specs=(P(parallel.DATA), P()),
+  )
+  y, updates = jax.device_get(jax.jit(sharded)(variables, x, mask))
+  real = x[mask].astype(np.float64)
+  mean, var = real.mean((0, 1, 2)), real.var((0, 1, 2))
+  stats = updates['batch_stats']
+  np.testing.assert_allclose(stats['mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * var, rtol=1e-5)
+  np.testing.assert_allclose(y[mask], (real - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+@on_8_devices
+def test_masked_step_equals_the_single_device_step_on_the_real_examples():
+  """A padded global batch with unequal real examples per device trains as the real ones alone."""
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  mask = unequal_mask()
+  batches = []
+  for i in range(2):
+    batch = fake_batch(seed=i)
+    batch['image'][~mask] = 100.0
+    batches.append({**batch, 'mask': mask})
+  got, got_metrics = run_parallel(state, batches, 'global')
+  real = [{k: b[k][mask] for k in ('image', 'label')} for b in batches]
+  want, want_metrics = run_single(state, real)
+  assert_states_close(got, want, **TOLERANCE)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-5)
+
+
+@on_8_devices
+def test_flax_batchnorm_with_mask_and_global_statistics_is_refused():
+  state = training.create_train_state(config_for(norm='flax'), jax.random.key(0))
+  batch = {**fake_batch(), 'mask': unequal_mask()}
+  with pytest.raises(ValueError, match='flax issue 2417'):
+    run_parallel(state, [batch], 'global')
+
+
+@on_8_devices
+def test_sharded_evaluation_equals_single_device_evaluation():
+  state = training.create_train_state(config_for(), jax.random.key(0))
+  data = fake_batch(50, seed=3)
+  batches = training.pad_and_batch(data['image'], data['label'], 20)  # (3, 20): 20 % 8 != 0
+  mesh = parallel.make_mesh()
+  got = jax.jit(training.evaluate)(
+    parallel.replicate(mesh, state), *parallel.shard_eval_batches(mesh, *batches)
+  )
+  want = jax.jit(training.evaluate)(state, *batches)
+  chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), rtol=1e-5)
+
+
+@on_8_devices
+def test_batch_size_not_divisible_by_the_devices_is_a_config_error(tmp_path):
+  with pytest.raises(trainer.ConfigError, match='batch_size=12 is not divisible by the 8 devices'):
+    trainer.train_and_evaluate(config_for(batch_size=12), tmp_path)
