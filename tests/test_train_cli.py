@@ -77,6 +77,7 @@ def test_help_explains_the_command():
     ('--config.num_epoch=2', 'num_epoch'),  # a typo of num_epochs
     ('--config.learning_rate=-1.0', 'config.learning_rate=-1.0 must be positive'),
     ('--config.norm=layer', "config.norm='layer' is unknown"),
+    ('--config.data.num_train=100', 'config.batch_size=256 is larger than the 100 training'),
   ],
 )
 def test_bad_flags_fail_with_a_message_and_no_traceback(tmp_path, flag, expected):
