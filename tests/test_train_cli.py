@@ -26,7 +26,7 @@ def train(*args, cwd=ROOT, timeout=600):
 @pytest.mark.slow
 def test_trains_on_real_data_and_writes_every_output(tmp_path):
   workdir = tmp_path / 'run'
-  result = train(
+  flags = (
     '--config=configs/lenet_bn.py',
     f'--workdir={workdir}',
     '--config.num_epochs=2',
@@ -35,6 +35,7 @@ def test_trains_on_real_data_and_writes_every_output(tmp_path):
     '--config.data.num_test=2000',
     f'--config.data.data_dir={tmp_path / "data"}',
   )
+  result = train(*flags)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert 'from IDX files' in out  # a fresh data_dir: built from the Debian files
@@ -51,15 +52,7 @@ def test_trains_on_real_data_and_writes_every_output(tmp_path):
   assert (workdir / 'checkpoints' / '2').is_dir()
 
   # Rerunning the finished run resumes from its checkpoint and trains nothing more.
-  again = train(
-    '--config=configs/lenet_bn.py',
-    f'--workdir={workdir}',
-    '--config.num_epochs=2',
-    '--config.batch_size=128',
-    '--config.data.num_train=4096',
-    '--config.data.num_test=2000',
-    f'--config.data.data_dir={tmp_path / "data"}',
-  )
+  again = train(*flags)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resuming' in again.stdout and 'epoch 1/2' not in again.stdout
   assert 'from jaxbn cache' in again.stdout
