@@ -1,6 +1,6 @@
 r"""Training throughput of jaxbn's LeNet and of the chapter's PyTorch LeNet, in one run.
 
-  python benchmarks/throughput.py                      # about 3 minutes on 2 CPU cores
+  python benchmarks/throughput.py                      # about 2 minutes on 2 idle CPU cores
   python benchmarks/throughput.py --steps 10 --repeats 3 --skip-torch --epochs 0
   python benchmarks/throughput.py --json bench.json    # the table as JSON too
 
@@ -55,8 +55,8 @@ EPOCHS = 10
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description='Training throughput of jaxbn and PyTorch LeNets.')
-  parser.add_argument('--steps', type=int, default=40, help='training steps per timed round')
-  parser.add_argument('--repeats', type=int, default=7, help='timed rounds; the median is kept')
+  parser.add_argument('--steps', type=int, default=30, help='training steps per timed round')
+  parser.add_argument('--repeats', type=int, default=5, help='timed rounds; the median is kept')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--skip-torch', action='store_true', help='time the JAX variants only')
@@ -80,7 +80,8 @@ class JaxVariant:
     self.batch_size = batch_size
     self.state = training.create_train_state(config, jax.random.key(config.seed))
     self.images, self.labels = jax.device_put((dataset.train_images, dataset.train_labels))
-    self.chunk = max(1, config.steps_per_dispatch)
+    steps_per_epoch = len(dataset.train_labels) // batch_size
+    self.chunk = trainer._steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
     indices = jax.ShapeDtypeStruct((self.chunk, batch_size), jnp.int32)
     start = time.perf_counter()
     self.train = (
@@ -95,8 +96,8 @@ class JaxVariant:
     self.evaluate = jax.jit(training.evaluate).lower(self.state, *self.test).compile()
     self.rng = jax.random.key(config.seed)
 
-  def run(self, steps: int) -> float:
-    """Trains ``steps`` steps (whole dispatches); returns their wall seconds."""
+  def run(self, steps: int) -> tuple[float, int]:
+    """Trains ``steps`` steps, rounded up to whole dispatches; returns (wall seconds, steps)."""
     self.rng, rng = jax.random.split(self.rng)
     dispatches = -(-steps // self.chunk)
     batches = training.shuffled_batches(rng, len(self.labels), self.batch_size)
@@ -110,7 +111,7 @@ class JaxVariant:
         jax.device_get(pending)
       pending = metrics
     jax.device_get(pending)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, dispatches * self.chunk
 
   def eval_seconds(self) -> float:
     start = time.perf_counter()
@@ -138,14 +139,15 @@ class TorchVariant:
     self.test_images = nchw(dataset.test_images)
     self.batch_size = batch_size
 
-  def run(self, steps: int) -> float:
+  def run(self, steps: int) -> tuple[float, int]:
+    """Trains ``steps`` steps; returns (wall seconds, steps)."""
     order = self.torch.randperm(len(self.labels))
     batches = order[: steps * self.batch_size].reshape(steps, self.batch_size)
     self.trainer.net.train()
     start = time.perf_counter()
     for idx in batches:
       self.trainer.step(self.images[idx], self.labels[idx])
-    return time.perf_counter() - start
+    return time.perf_counter() - start, steps
 
   def eval_seconds(self) -> float:
     """``d2l.evaluate_accuracy_gpu``'s forward passes over the test set in batches."""
@@ -206,23 +208,23 @@ def measure(args: argparse.Namespace) -> dict:
   load_before = os.getloadavg()
   for variant in variants:
     variant.run(args.warmup)
-  seconds = {v.name: [] for v in variants}
+  rates = {v.name: [] for v in variants}
   for _ in range(args.repeats):
     for variant in variants:
-      seconds[variant.name].append(variant.run(args.steps))
+      seconds, steps = variant.run(args.steps)
+      rates[variant.name].append(steps * args.batch_size / seconds)
   load_after = os.getloadavg()
 
   rows = []
-  examples = args.steps * args.batch_size
   for variant in variants:
-    rate = examples / statistics.median(seconds[variant.name])
+    rate = statistics.median(rates[variant.name])
     eval_seconds = min(variant.eval_seconds() for _ in range(3))
     epoch_seconds = steps_per_epoch * args.batch_size / rate
     rows.append({
       'variant': variant.name,
       'framework': variant.framework,
       'examples_per_sec': rate,
-      'examples_per_sec_each_round': [examples / s for s in seconds[variant.name]],
+      'examples_per_sec_each_round': rates[variant.name],
       'compile_seconds': variant.compile_seconds,
       'eval_seconds': eval_seconds,
       'ten_epoch_seconds_extrapolated': (

@@ -38,8 +38,10 @@ def _max_pool_fwd(x, axes):
 
 
 def _max_pool_bwd(axes, x, g):
-  # Elementwise, with broadcasts rather than a stack of the four parts: on
-  # XLA:CPU (jax 0.10) a fused stack of them compiled to wrong gradients.
+  # The max is recomputed from the saved input, so that the comparisons see
+  # the values it was taken over. The four parts are placed by broadcasting:
+  # with a stack of them (and the max saved from the forward pass), XLA:CPU
+  # (jax 0.10.2, YNNPACK reduce fusions) computed wrong gradients under jit.
   q, split = _window_elements(x, axes)
   m = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
   share = g / sum((qi == m).astype(g.dtype) for qi in q)
