@@ -168,15 +168,16 @@ class Checkpoints:
           f'checkpoint of epoch {epoch} ({type(e).__name__}: {str(e)[:200]}); moved to {aside}'
         )
         continue
-      self._reopen()
+      self._forget(skipped)
       return epoch, serialization.from_state_dict(template, tree), skipped
-    self._reopen()
+    self._forget(skipped)
     return 0, template, skipped
 
-  def _reopen(self) -> None:
-    """A new manager, so that checkpoints moved aside are forgotten."""
-    self._manager.close()
-    self._manager = self._ocp.CheckpointManager(self.directory, options=self._options)
+  def _forget(self, skipped: list[str]) -> None:
+    """A new manager, so that checkpoints moved aside are forgotten (only if any were)."""
+    if skipped:
+      self._manager.close()
+      self._manager = self._ocp.CheckpointManager(self.directory, options=self._options)
 
   def close(self) -> None:
     self._manager.close()
