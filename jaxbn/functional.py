@@ -125,25 +125,6 @@ def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
   return n
 
 
-def _first_value(x, reduction_axes, mask):
-  """The first (selected) value of each feature, with the reduced axes kept.
-
-  With a mask, masked-out entries may hold anything (padding, inf, NaN), so
-  the shift comes from the first selected entry, or is 0 if none is selected.
-  """
-  if mask is None:
-    first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-    return x[first]
-  feature_axes = tuple(a for a in range(x.ndim) if a not in reduction_axes)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  flat = lambda v: jnp.transpose(v, reduction_axes + feature_axes).reshape(-1, *feature_shape)
-  selected = flat(jnp.broadcast_to(jnp.asarray(mask, bool), x.shape))
-  index = jnp.argmax(selected, axis=0)
-  first = jnp.take_along_axis(flat(x), index[None], axis=0)[0]
-  first = jnp.where(selected.any(axis=0), first, 0)
-  return jnp.expand_dims(first, reduction_axes)
-
-
 def batch_statistics(
   x: jax.Array,
   reduction_axes: tuple[int, ...],
@@ -152,6 +133,7 @@ def batch_statistics(
   mask: ArrayLike | None = None,
   axis_name: str | None = None,
   axis_index_groups: Any = None,
+  shift: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-feature mean and biased variance of ``x`` over ``reduction_axes``.
 
@@ -159,28 +141,47 @@ def batch_statistics(
   wider). Both formulas give a variance that is never negative:
 
   * ``use_fast_variance=True``: one pass and one collective, with shifted
-    moments ``var = E[(x - k)^2] - E[x - k]^2`` where ``k`` is the first value
-    of each feature (averaged over the named axis, so every device uses the
-    same shift). Unlike the unshifted ``E[x^2] - E[x]^2`` it keeps its
-    precision when the mean is large relative to the spread (flax issue
-    1491); the result is clamped at 0 against round-off.
+    moments ``var = E[(x - k)^2] - E[x - k]^2``. ``k = shift`` is a guess of
+    the mean of each feature (size 1 along ``reduction_axes``; 0 if None):
+    `batch_norm` passes the running mean, so that no extra pass over ``x`` is
+    needed. The formula loses about ``(E[x] - k)^2 / var`` ulps of the
+    variance, and the mean about ``|E[x] - k| / std`` ulps of the standard
+    deviation (flax issue 1491 is ``k = 0`` with a large mean). When ``k`` is
+    more than 2 standard deviations from the mean, two passes replace them
+    (under `lax.cond`, so they cost only then): the variance keeps a relative
+    error of a few ulps, and the mean of a few ulps of the std.
   * ``use_fast_variance=False``: two passes, ``var = E[(x - E[x])^2]``.
+
+  Gradients are those of the formula; with ``shift`` they do not flow
+  through ``k``.
 
   Returns:
     ``(mean, var)``, each of the shape of the axes not reduced over.
   """
   reduce = lambda *vs: _mean(vs, reduction_axes, mask, axis_name, axis_index_groups)
-  if use_fast_variance:
-    shift = lax.stop_gradient(_first_value(x, reduction_axes, mask))
-    if axis_name is not None:
-      shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
-    mean_shifted, mean_sq = reduce(x - shift, lax.square(x - shift))
-    var = jnp.maximum(mean_sq - lax.square(mean_shifted), 0.0)
-    mean = mean_shifted + jnp.squeeze(shift, reduction_axes)
-  else:
+
+  def two_passes(x):
     (mean,) = reduce(x)
     (var,) = reduce(lax.square(x - jnp.expand_dims(mean, reduction_axes)))
-  return mean, var
+    return mean, var
+
+  if not use_fast_variance:
+    return two_passes(x)
+  shift = jnp.zeros((), x.dtype) if shift is None else lax.stop_gradient(jnp.asarray(shift))
+  offset, mean_sq = reduce(x - shift, lax.square(x - shift))
+  mean = offset + (jnp.squeeze(shift, reduction_axes) if shift.ndim else shift)
+  var = mean_sq - lax.square(offset)
+
+  def correction(x, mean, var):
+    exact_mean, exact_var = two_passes(x)
+    return exact_mean - mean, exact_var - var
+
+  # Rounding x - shift costs the mean about |offset| / std ulps of the std.
+  # The correction carries no derivative, so the cond is not differentiated.
+  imprecise = jnp.any(lax.square(offset) > 4.0 * var)
+  zeros = lambda x, mean, var: (jnp.zeros_like(mean), jnp.zeros_like(var))
+  d_mean, d_var = lax.cond(imprecise, correction, zeros, *lax.stop_gradient((x, mean, var)))
+  return mean + d_mean, jnp.maximum(var + d_var, 0.0)
 
 
 def _num_groups(x, feature_axes, virtual_batch_size) -> int:
@@ -272,8 +273,9 @@ def batch_norm(
       ``mean`` and ``var``; the caller increments it after a training step.
     unbiased_running_var: store ``n / (n - 1)`` times the batch variance in
       the running variance, as PyTorch does (``n`` values per feature).
-    use_fast_variance: one-pass shifted moments (True) or two passes (False);
-      see `batch_statistics`. Both are accurate and never negative.
+    use_fast_variance: one pass with moments shifted by the running mean
+      ``mean`` (True) or two passes (False); see `batch_statistics`. Both are
+      accurate and never negative.
     force_float32_reductions: compute statistics in at least float32.
     mask: boolean array broadcastable to ``x``; only True entries enter the
       statistics (also across devices, weighted by their counts).
@@ -367,6 +369,7 @@ def batch_norm(
       mask=group_mask,
       axis_name=axis_name,
       axis_index_groups=axis_index_groups,
+      shift=mean.reshape([1] * lead + stats_shape[lead:]),
     )
     stored_var = batch_var
     if unbiased_running_var:

@@ -30,8 +30,9 @@ class BatchNorm(nn.Module):
     averaged so far is stored in ``batch_stats['count']`` (int32 scalar).
   * ``unbiased_running_var=True`` stores the unbiased batch variance
     ``n / (n - 1) * var`` in the running variance, as PyTorch does.
-  * The fast variance is computed with shifted moments, accurate when the
-    mean is large relative to the spread.
+  * The fast variance is computed with moments shifted by the running mean
+    (at Flax's cost), with two passes when that is far from the batch mean:
+    accurate when the mean is large relative to the spread (flax issue 1491).
 
   Attributes:
     use_running_average: inference mode if True; may also be given per call.

@@ -493,6 +493,48 @@ class NumericsTest(chex.TestCase):
     chex.assert_trees_all_close(y, y_ref, atol=5e-3)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(
+    data_mean=(0.0, 1e4),
+    running_mean_offset=(0.0, 1.0, 1.9, 2.1, 30.0, 1e4, -1e4),
+  )
+  def test_batch_statistics_do_not_depend_on_the_running_mean(self, data_mean, running_mean_offset):
+    # The fast variance is shifted by the running mean (in units of the batch
+    # standard deviation away from the batch mean here); beyond 2 standard
+    # deviations a second pass takes over. Either way: float64 accuracy.
+    rng = np.random.default_rng(0)
+    spread = np.array([1.0, 0.5, 100.0], np.float32)
+    x = (data_mean + spread * rng.standard_normal((64, 4, 3))).astype(np.float32)
+    mean64, var64, _ = _np_stats(x)
+    std64 = np.sqrt(var64)
+    running_mean = (mean64 + running_mean_offset * std64).astype(np.float32)
+    fn = self.variant(
+      lambda x, m: jaxbn.batch_norm(
+        x, None, None, m, jnp.ones(3), use_running_average=False, momentum=0.0
+      )
+    )
+    y, mean, var = fn(x, running_mean)
+    # The mean to a few ulps of itself (float32 cannot do better at 1e4).
+    ulp = np.spacing(np.abs(mean64).astype(np.float32)).astype(np.float64)
+    np.testing.assert_array_less(
+      np.abs(np.asarray(mean, np.float64) - mean64), 4 * ulp + 1e-6 * std64
+    )
+    chex.assert_trees_all_close(var, var64, rtol=2e-5)
+    chex.assert_trees_all_close(y, (x - mean64) / np.sqrt(var64 + 1e-5), atol=5e-3)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_running_mean_has_no_gradient_in_training(self):
+    x, scale, bias, mean, var = _inputs((16, 3, 3, 4))
+    weights = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    loss = lambda x, mean: jnp.sum(
+      weights * jaxbn.batch_norm(x, scale, bias, mean, var, use_running_average=False).y
+    )
+    grad = self.variant(jax.grad(loss, (0, 1)))
+    dx, dmean = grad(x, mean)
+    chex.assert_trees_all_close(dmean, np.zeros_like(mean))
+    dx_far, _ = grad(x, mean + 100.0)  # the other branch of the variance
+    chex.assert_trees_all_close(dx_far, dx, atol=1e-4, rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
     ('fast_1e4', True, 1e4),
     ('two_pass_1e4', False, 1e4),
@@ -624,8 +666,8 @@ class MaskTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(('fast', True), ('two_pass', False))
   def test_large_mean_with_zero_padding(self, use_fast_variance):
-    # Zero padding in front of data with mean 1e4: the shift of the fast
-    # variance must come from selected data, not from the padding.
+    # Zero padding in front of data with mean 1e4: the padding must not enter
+    # the statistics, nor the check of the shift's precision.
     rng = np.random.default_rng(0)
     data = (1e4 + rng.standard_normal((64, 2))).astype(np.float32)
     x = np.concatenate([np.zeros((4, 2), np.float32), data])
