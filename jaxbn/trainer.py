@@ -66,8 +66,10 @@ def _steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
   return max(d for d in range(1, wanted + 1) if steps_per_epoch % d == 0)
 
 
-def _all_finite(tree) -> bool:
-  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree))
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every entry of every array in ``tree`` is finite, in one compiled call."""
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def _kept(epoch: int, workdir: pathlib.Path) -> str:
@@ -207,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     meter.add(*pending)
     train_seconds = time.perf_counter() - start
     meter.close()
-    if not _all_finite(state.params):
+    if not bool(_all_finite(state.params)):
       raise FloatingPointError(
         f'The parameters stopped being finite in epoch {epoch}. Stopped; '
         f'{_kept(epoch, workdir)} Try a lower learning_rate.'

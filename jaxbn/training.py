@@ -10,6 +10,7 @@ them through `train_step`, one step per dispatch or several inside a
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -40,7 +41,9 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     renorm_clip=(config.bn_renorm_rmax, config.bn_renorm_dmax) if config.bn_renorm_rmax else None,
     renorm_warmup_steps=config.bn_renorm_warmup_steps,
   )
-  variables = model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)
+  # Compiled once: run op by op, initialisation took seconds of small compilations.
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32))
   state = TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
