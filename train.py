@@ -18,6 +18,7 @@ import pathlib
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -37,10 +38,15 @@ flags.DEFINE_string(
 )
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
+CACHE_DIR = pathlib.Path.home() / '.cache' / 'jaxbn' / 'xla'
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if not jax.config.jax_compilation_cache_dir:
+    # JAX's persistent cache: a rerun loads its compiled steps instead of
+    # compiling them again (JAX_COMPILATION_CACHE_DIR chooses another place).
+    jax.config.update('jax_compilation_cache_dir', str(CACHE_DIR))
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments {argv[1:]}: use --config.FIELD=VALUE.')
   config_path = pathlib.Path(flags.FLAGS['config'].config_filename)
