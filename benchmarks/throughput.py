@@ -12,27 +12,29 @@ nn.BatchNorm (benchmarks/torch_lenet.py, torch.set_num_threads(2)). Every
 variant is compiled (JAX) or warmed up first; then ``--repeats`` rounds time
 ``--steps`` steps of each variant in turn, so that all see the same machine
 load, and a figure is the median over rounds. JAX steps are dispatched as
-`jaxbn.trainer` dispatches them (``steps_per_dispatch`` of the config, each
-step's metrics read one step late); PyTorch steps are ``d2l.train_ch6``'s.
+`jaxbn.trainer` dispatches them (``steps_per_dispatch`` steps per call, each
+call's metrics read while the next runs); PyTorch steps are ``d2l.train_ch6``'s.
 
 The 10-epoch wall time of each variant is extrapolated: compile time + 10 x
 (one epoch of full batches at the measured rate + one evaluation of the test
-set). With ``--epochs N`` (default 10) the default config (norm 'jaxbn') is
-also trained end to end for N epochs by `jaxbn.trainer.train_and_evaluate` in
-a temporary workdir, data loading, checkpoints and plots included, and that
-wall time is reported as measured.
+set). With ``--epochs N`` (default 10) the scripts are also run end to end as
+fresh processes and timed from start to end: ``train.py`` (configs/lenet_bn.py;
+with an empty and then a filled persistent compilation cache) and, with
+PyTorch, benchmarks/torch_lenet.py with D2L's DataLoader and with the data in
+memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import pathlib
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,8 +57,8 @@ EPOCHS = 10
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description='Training throughput of jaxbn and PyTorch LeNets.')
-  parser.add_argument('--steps', type=int, default=30, help='training steps per timed round')
-  parser.add_argument('--repeats', type=int, default=5, help='timed rounds; the median is kept')
+  parser.add_argument('--steps', type=int, default=78, help='training steps per timed round')
+  parser.add_argument('--repeats', type=int, default=9, help='timed rounds; the median is kept')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--skip-torch', action='store_true', help='time the JAX variants only')
@@ -168,23 +170,49 @@ def torch_available() -> bool:
   return True
 
 
-def end_to_end_seconds(epochs: int, batch_size: int) -> dict:
-  """Wall seconds of `trainer.train_and_evaluate` (default config) for ``epochs`` epochs."""
-  config = lenet_bn.get_config()
-  config.num_epochs = epochs
-  config.batch_size = batch_size
-  config.progress_bar = False
-  with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(io.StringIO()):
-    start = time.perf_counter()
-    summary = trainer.train_and_evaluate(config, pathlib.Path(workdir) / 'run')
-    seconds = time.perf_counter() - start
-  return {
-    'epochs': epochs,
-    'seconds': seconds,
-    'examples_per_sec': summary['examples_per_sec'],
-    'compile_seconds': summary['compile_seconds'],
-    'test_accuracy': summary['test_accuracy'],
-  }
+def end_to_end(epochs: int, batch_size: int, with_torch: bool) -> list[dict]:
+  """Wall seconds, start to end, of the scripts that train LeNet-BN for ``epochs`` epochs.
+
+  ``train.py`` with configs/lenet_bn.py, first with an empty persistent
+  compilation cache and then again with the cache it filled; and, with
+  PyTorch, benchmarks/torch_lenet.py with D2L's DataLoader and with the data
+  held in memory. Each is a fresh process that loads the data, evaluates the
+  test set after every epoch, and (train.py) writes checkpoints, metrics and
+  the plot.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    jaxbn = [
+      sys.executable, 'train.py', '--config', 'configs/lenet_bn.py',
+      f'--config.num_epochs={epochs}', f'--config.batch_size={batch_size}',
+      '--config.progress_bar=False',
+    ]  # fmt: skip
+    runs = [
+      ('train.py, compilation cache empty', [*jaxbn, f'--workdir={tmp}/cold']),
+      ('train.py, compilation cache filled', [*jaxbn, f'--workdir={tmp}/warm']),
+    ]
+    if with_torch:
+      torch_script = [sys.executable, 'benchmarks/torch_lenet.py', f'--epochs={epochs}']
+      torch_script.append(f'--batch-size={batch_size}')
+      runs += [
+        ('torch_lenet.py, D2L DataLoader', [*torch_script, '--loader=d2l']),
+        ('torch_lenet.py, data in memory', [*torch_script, '--loader=memory']),
+      ]
+    env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': f'{tmp}/xla'}
+    results = []
+    for name, command in runs:
+      start = time.perf_counter()
+      done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+      seconds = time.perf_counter() - start
+      if done.returncode:
+        raise RuntimeError(f'{" ".join(command)} failed:\n{done.stderr[-2000:]}')
+      accuracy = re.findall(r'test acc ([0-9.]+)', done.stdout)
+      results.append({
+        'run': name,
+        'command': ' '.join(command[1:]),
+        'seconds': seconds,
+        'test_accuracy': float(accuracy[-1]) if accuracy else None,
+      })  # fmt: skip
+  return results
 
 
 def device_description() -> str:
@@ -244,7 +272,10 @@ def measure(args: argparse.Namespace) -> dict:
     'rounds': args.repeats,
     'load_average_before_after': [load_before[0], load_after[0]],
     'rows': rows,
-    'end_to_end': end_to_end_seconds(args.epochs, args.batch_size) if args.epochs else None,
+    'end_to_end_epochs': args.epochs,
+    'end_to_end': (
+      end_to_end(args.epochs, args.batch_size, torch_version is not None) if args.epochs else None
+    ),
   }
 
 
@@ -278,12 +309,12 @@ def print_table(results: dict) -> None:
   )
   e2e = results['end_to_end']
   if e2e:
-    print(
-      f'measured: `train_and_evaluate` of configs/lenet_bn.py, {e2e["epochs"]} epochs: '
-      f'{e2e["seconds"]:.1f} s wall (data, compile {e2e["compile_seconds"]:.1f} s, '
-      f'{e2e["examples_per_sec"]:,.0f} examples/s in training, evaluation, checkpoints, '
-      f'plots; test accuracy {e2e["test_accuracy"]:.3f})'
-    )
+    epochs = results['end_to_end_epochs']
+    print(f'\nmeasured end to end, {epochs} epochs, each a fresh process (seconds, start to end):')
+    reference = next((r['seconds'] for r in e2e if 'DataLoader' in r['run']), None)
+    for run in e2e:
+      ratio = f'  {reference / run["seconds"]:.2f}x faster than D2L' if reference else ''
+      print(f'  {run["run"]:<36} {run["seconds"]:6.1f}  test acc {run["test_accuracy"]}{ratio}')
 
 
 def main(argv=None) -> None:

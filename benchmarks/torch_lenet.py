@@ -10,6 +10,9 @@ BN -> sigmoid -> max-pool 2, conv 16@5x5 -> BN -> sigmoid -> max-pool 2, dense
 as ``d2l.train_ch6`` sets them up.
 """
 
+import warnings
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,3 +113,89 @@ class Trainer:
     self.optimizer.step()
     with torch.no_grad():
       return float(loss) * X.shape[0], float((y_hat.argmax(dim=1) == y).sum())
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+  """What ``torchvision.datasets.FashionMNIST(transform=ToTensor())`` serves, item by item.
+
+  Each item is a PIL image of the uint8 pixels, converted to a (1, 28, 28)
+  float tensor in [0, 1] as ``ToTensor`` does.
+  """
+
+  def __init__(self, images, labels):
+    # jaxbn's (N, 28, 28, 1) floats k / 255, back to the uint8 pixels k.
+    self.images, self.labels = np.rint(images[..., 0] * 255).astype(np.uint8), labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    from PIL import Image
+
+    image = Image.fromarray(self.images[i], mode='L')
+    return torch.from_numpy(np.asarray(image, np.float32) / 255.0)[None], int(self.labels[i])
+
+
+def batches(loader: str, images, labels, batch_size: int, train: bool):
+  """Batches of (N, 1, 28, 28) float32 images and int64 labels.
+
+  ``'d2l'``: ``d2l.load_data_fashion_mnist``'s DataLoader (4 workers,
+  shuffled for training, per-item conversion); ``'memory'``: slices of
+  tensors held in memory.
+  """
+  if loader == 'd2l':
+    warnings.filterwarnings('ignore', 'This DataLoader will create 4 worker processes')
+    return torch.utils.data.DataLoader(
+      FashionMNIST(images, labels), batch_size, shuffle=train, num_workers=4
+    )
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(labels).long()
+  order = torch.randperm(len(y)) if train else torch.arange(len(y))
+  return [(x[i], y[i]) for i in order.split(batch_size)]
+
+
+def main(argv=None) -> None:
+  """``d2l.train_ch6`` of the chapter's LeNet-BN on Fashion-MNIST, timed from start to end."""
+  import argparse
+  import pathlib
+  import sys
+  import time
+
+  start = time.perf_counter()
+  parser = argparse.ArgumentParser(description="D2L's PyTorch LeNet-BN trained on Fashion-MNIST.")
+  parser.add_argument('--norm', choices=NORMS, default='nn')
+  parser.add_argument('--loader', choices=('d2l', 'memory'), default='d2l')
+  parser.add_argument('--epochs', type=int, default=10)
+  parser.add_argument('--batch-size', type=int, default=256)
+  parser.add_argument('--lr', type=float, default=1.0)
+  args = parser.parse_args(argv)
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from jaxbn import data
+
+  torch.set_num_threads(2)
+  torch.manual_seed(0)
+  dataset = data.load_fashion_mnist()
+  trainer = Trainer(lenet(args.norm), lr=args.lr)
+  n = len(dataset.train_labels)
+  load = lambda images, labels, train: batches(args.loader, images, labels, args.batch_size, train)
+  for epoch in range(1, args.epochs + 1):
+    trainer.net.train()
+    loss_sum = correct = 0.0
+    for X, y in load(dataset.train_images, dataset.train_labels, True):
+      loss, right = trainer.step(X, y)
+      loss_sum, correct = loss_sum + loss, correct + right
+    trainer.net.eval()
+    right = 0.0
+    with torch.no_grad():
+      for X, y in load(dataset.test_images, dataset.test_labels, False):
+        right += float((trainer.net(X).argmax(dim=1) == y).sum())
+    print(
+      f'epoch {epoch}: loss {loss_sum / n:.3f}, train acc {correct / n:.3f}, '
+      f'test acc {right / len(dataset.test_labels):.3f}',
+      flush=True,
+    )
+  print(f'{time.perf_counter() - start:.1f} s from start to end')
+
+
+if __name__ == '__main__':
+  main()
