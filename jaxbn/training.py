@@ -41,9 +41,13 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
     renorm_clip=(config.bn_renorm_rmax, config.bn_renorm_dmax) if config.bn_renorm_rmax else None,
     renorm_warmup_steps=config.bn_renorm_warmup_steps,
   )
-  # Compiled once: run op by op, initialisation took seconds of small compilations.
+  # One compiled call (op by op, initialisation compiled ~125 small programs),
+  # without LLVM's optimisations: it runs once, and its random-number code
+  # otherwise took 1.3 s of a 1.6 s compilation. Same values either way.
   init = jax.jit(functools.partial(model.init, train=False))
-  variables = init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32))
+  example = jnp.zeros((1, 28, 28, 1), jnp.float32)
+  init = init.lower(rng, example).compile({'xla_backend_optimization_level': 0})
+  variables = init(rng, example)
   state = TrainState.create(
     apply_fn=model.apply,
     params=variables['params'],
