@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     '--epochs', type=int, default=EPOCHS, help='epochs of the measured end-to-end run (0: skip)'
   )
+  parser.add_argument(
+    '--end-to-end-repeats', type=int, default=1, help='runs of each script; the median is kept'
+  )
   parser.add_argument('--json', type=pathlib.Path, help='also write the results to this file')
   return parser.parse_args(argv)
 
@@ -170,7 +173,7 @@ def torch_available() -> bool:
   return True
 
 
-def end_to_end(epochs: int, batch_size: int, with_torch: bool) -> list[dict]:
+def end_to_end(epochs: int, batch_size: int, with_torch: bool, repeats: int) -> list[dict]:
   """Wall seconds, start to end, of the scripts that train LeNet-BN for ``epochs`` epochs.
 
   ``train.py`` with configs/lenet_bn.py, first with an empty persistent
@@ -178,41 +181,48 @@ def end_to_end(epochs: int, batch_size: int, with_torch: bool) -> list[dict]:
   PyTorch, benchmarks/torch_lenet.py with D2L's DataLoader and with the data
   held in memory. Each is a fresh process that loads the data, evaluates the
   test set after every epoch, and (train.py) writes checkpoints, metrics and
-  the plot.
+  the plot. The four run in turn ``repeats`` times; the median is kept.
   """
+  jaxbn = [
+    sys.executable, 'train.py', '--config', 'configs/lenet_bn.py',
+    f'--config.num_epochs={epochs}', f'--config.batch_size={batch_size}',
+    '--config.progress_bar=False',
+  ]  # fmt: skip
+  torch_script = [
+    sys.executable, 'benchmarks/torch_lenet.py', f'--epochs={epochs}', f'--batch-size={batch_size}'
+  ]  # fmt: skip
+  runs = {
+    'train.py, compilation cache empty': (jaxbn, 'cold'),
+    'train.py, compilation cache filled': (jaxbn, 'warm'),
+  }
+  if with_torch:
+    runs['torch_lenet.py, D2L DataLoader'] = ([*torch_script, '--loader=d2l'], None)
+    runs['torch_lenet.py, data in memory'] = ([*torch_script, '--loader=memory'], None)
+  seconds = {name: [] for name in runs}
+  accuracy = {}
   with tempfile.TemporaryDirectory() as tmp:
-    jaxbn = [
-      sys.executable, 'train.py', '--config', 'configs/lenet_bn.py',
-      f'--config.num_epochs={epochs}', f'--config.batch_size={batch_size}',
-      '--config.progress_bar=False',
-    ]  # fmt: skip
-    runs = [
-      ('train.py, compilation cache empty', [*jaxbn, f'--workdir={tmp}/cold']),
-      ('train.py, compilation cache filled', [*jaxbn, f'--workdir={tmp}/warm']),
-    ]
-    if with_torch:
-      torch_script = [sys.executable, 'benchmarks/torch_lenet.py', f'--epochs={epochs}']
-      torch_script.append(f'--batch-size={batch_size}')
-      runs += [
-        ('torch_lenet.py, D2L DataLoader', [*torch_script, '--loader=d2l']),
-        ('torch_lenet.py, data in memory', [*torch_script, '--loader=memory']),
-      ]
-    env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': f'{tmp}/xla'}
-    results = []
-    for name, command in runs:
-      start = time.perf_counter()
-      done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-      seconds = time.perf_counter() - start
-      if done.returncode:
-        raise RuntimeError(f'{" ".join(command)} failed:\n{done.stderr[-2000:]}')
-      accuracy = re.findall(r'test acc ([0-9.]+)', done.stdout)
-      results.append({
-        'run': name,
-        'command': ' '.join(command[1:]),
-        'seconds': seconds,
-        'test_accuracy': float(accuracy[-1]) if accuracy else None,
-      })  # fmt: skip
-  return results
+    for repeat in range(repeats):
+      # The warm run reuses the cache its cold run of this repeat filled.
+      env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': f'{tmp}/xla-{repeat}'}
+      for name, (command, workdir) in runs.items():
+        if workdir:
+          command = [*command, f'--workdir={tmp}/{workdir}-{repeat}']
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        seconds[name].append(time.perf_counter() - start)
+        if done.returncode:
+          raise RuntimeError(f'{" ".join(command)} failed:\n{done.stderr[-2000:]}')
+        accuracy[name] = float(re.findall(r'test acc ([0-9.]+)', done.stdout)[-1])
+  return [
+    {
+      'run': name,
+      'command': ' '.join(command[1:]),
+      'seconds': statistics.median(seconds[name]),
+      'seconds_each_repeat': seconds[name],
+      'test_accuracy': accuracy[name],
+    }
+    for name, (command, _) in runs.items()
+  ]
 
 
 def device_description() -> str:
@@ -274,7 +284,9 @@ def measure(args: argparse.Namespace) -> dict:
     'rows': rows,
     'end_to_end_epochs': args.epochs,
     'end_to_end': (
-      end_to_end(args.epochs, args.batch_size, torch_version is not None) if args.epochs else None
+      end_to_end(args.epochs, args.batch_size, torch_version is not None, args.end_to_end_repeats)
+      if args.epochs
+      else None
     ),
   }
 
@@ -310,7 +322,11 @@ def print_table(results: dict) -> None:
   e2e = results['end_to_end']
   if e2e:
     epochs = results['end_to_end_epochs']
-    print(f'\nmeasured end to end, {epochs} epochs, each a fresh process (seconds, start to end):')
+    repeats = len(e2e[0]['seconds_each_repeat'])
+    print(
+      f'\nmeasured end to end, {epochs} epochs, each a fresh process (seconds from start to end, '
+      f'median of {repeats}):'
+    )
     reference = next((r['seconds'] for r in e2e if 'DataLoader' in r['run']), None)
     for run in e2e:
       ratio = f'  {reference / run["seconds"]:.2f}x faster than D2L' if reference else ''
