@@ -143,9 +143,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       f'config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices: '
       f'each takes an equal block of the global batch. Use a multiple of {mesh.size}.'
     )
+  vbs, per_device = config.bn_virtual_batch_size, config.batch_size // mesh.size
+  if vbs and per_device % vbs:
+    raise ConfigError(
+      f'config.bn_virtual_batch_size={vbs} does not divide the {per_device} examples that '
+      f'each of the {mesh.size} devices normalises (config.batch_size={config.batch_size}): '
+      'use a divisor of batch_size / devices.'
+    )
   # The start-up settings (process_id differs between processes) are not part of the run.
   run_config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != 'distributed'})
-  workdir = workdir_lib.prepare(workdir, run_config)
+  workdir = workdir_lib.prepare(workdir, run_config, write=jax.process_index() == 0)
   device = parallel.describe(mesh)
   dataset = data_lib.load_fashion_mnist(
     config.data.data_dir or None, config.data.idx_dir or None, config.data.download

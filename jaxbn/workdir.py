@@ -30,8 +30,13 @@ class WorkdirError(RuntimeError):
   """The workdir cannot be used for this run; the message says why and what to do."""
 
 
-def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> pathlib.Path:
+def prepare(
+  workdir: str | os.PathLike, config: ml_collections.ConfigDict, write: bool = True
+) -> pathlib.Path:
   """Creates ``workdir`` (or checks it is writable) and records ``config`` there.
+
+  Every process checks; with several processes only the one with ``write``
+  (process 0) writes ``config.json``.
 
   Raises:
     WorkdirError: if the directory cannot be written, or holds a run of a
@@ -61,7 +66,8 @@ def prepare(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> pa
         f'{path} holds a run of another config ({diff}). Refusing to mix them: '
         'pass a new --workdir, or the same config to resume that run.'
       )
-  write_text(config_file, json.dumps(new, indent=2, sort_keys=True) + '\n')
+  if write:
+    write_text(config_file, json.dumps(new, indent=2, sort_keys=True) + '\n')
   return path
 
 
@@ -161,11 +167,15 @@ class Checkpoints:
       try:
         tree = self._manager.restore(epoch, args=self._ocp.args.StandardRestore(target))
       except Exception as e:  # orbax raises many kinds; all mean unreadable
-        # Moved aside, not deleted: the next save of this epoch needs the name.
-        aside = self.directory / f'{epoch}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
-        (self.directory / str(epoch)).rename(aside)
+        # Moved aside (by process 0 alone), not deleted: the next save of this
+        # epoch needs the name.
+        aside = 'by process 0'
+        if jax.process_index() == 0:
+          path = self.directory / f'{epoch}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+          (self.directory / str(epoch)).rename(path)
+          aside = f'to {path}'
         skipped.append(
-          f'checkpoint of epoch {epoch} ({type(e).__name__}: {str(e)[:200]}); moved to {aside}'
+          f'checkpoint of epoch {epoch} ({type(e).__name__}: {str(e)[:200]}); moved {aside}'
         )
         continue
       self._forget(skipped)
@@ -176,6 +186,11 @@ class Checkpoints:
   def _forget(self, skipped: list[str]) -> None:
     """A new manager, so that checkpoints moved aside are forgotten (only if any were)."""
     if skipped:
+      import jax
+      from jax.experimental import multihost_utils
+
+      if jax.process_count() > 1:  # process 0 has moved them
+        multihost_utils.sync_global_devices('jaxbn: unreadable checkpoints moved aside')
       self._manager.close()
       self._manager = self._ocp.CheckpointManager(self.directory, options=self._options)
 

@@ -28,7 +28,7 @@ NUM_DEVICES = 8
 # tests/conftest.py deselects (rather than skips) the tests of the other session.
 on_8_devices = pytest.mark.on_8_devices
 in_main_session = pytest.mark.main_session
-ON_8_DEVICES_COUNT = 10  # tests and parametrizations marked on_8_devices
+ON_8_DEVICES_COUNT = 11  # tests and parametrizations marked on_8_devices
 # Unequal real examples per device for a global batch of 32 (4 per device);
 # device 3 holds none.
 REAL_PER_DEVICE = (4, 1, 3, 0, 2, 4, 1, 2)
@@ -291,3 +291,13 @@ def test_sharded_evaluation_equals_single_device_evaluation():
 def test_batch_size_not_divisible_by_the_devices_is_a_config_error(tmp_path):
   with pytest.raises(trainer.ConfigError, match='batch_size=12 is not divisible by the 8 devices'):
     trainer.train_and_evaluate(config_for(batch_size=12), tmp_path)
+
+
+@on_8_devices
+def test_virtual_batch_not_dividing_each_device_block_is_a_config_error(tmp_path):
+  # 32 examples over 8 devices: blocks of 4, which virtual batches of 8 cannot split.
+  config = config_for(batch_size=32, bn_virtual_batch_size=8)
+  trainer.validate_config(config)  # 8 divides the global batch
+  with pytest.raises(trainer.ConfigError, match='does not divide the 4 examples that each of'):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / 'config.json').exists()  # refused before anything was written
