@@ -145,11 +145,12 @@ def batch_statistics(
     the mean of each feature (size 1 along ``reduction_axes``; 0 if None):
     `batch_norm` passes the running mean, so that no extra pass over ``x`` is
     needed. The formula loses about ``(E[x] - k)^2 / var`` ulps of the
-    variance, and the mean about ``|E[x] - k| / std`` ulps of the standard
-    deviation (flax issue 1491 is ``k = 0`` with a large mean). When ``k`` is
-    more than 2 standard deviations from the mean, two passes replace them
-    (under `lax.cond`, so they cost only then): the variance keeps a relative
-    error of a few ulps, and the mean of a few ulps of the std.
+    variance (flax issue 1491 is ``k = 0`` with a large mean); when ``k`` is
+    more than 2 standard deviations from the mean, a second pass about the
+    mean of ``x - k`` replaces it (under `lax.cond`, so it costs only then).
+    Mean and variance are then exact up to the rounding of ``x - k`` (to ulps
+    of the larger of ``|x|`` and ``|k|``, the rounding ``x`` itself has when
+    ``k`` is no larger).
   * ``use_fast_variance=False``: two passes, ``var = E[(x - E[x])^2]``.
 
   Gradients are those of the formula; with ``shift`` they do not flow
@@ -168,20 +169,22 @@ def batch_statistics(
   if not use_fast_variance:
     return two_passes(x)
   shift = jnp.zeros((), x.dtype) if shift is None else lax.stop_gradient(jnp.asarray(shift))
-  offset, mean_sq = reduce(x - shift, lax.square(x - shift))
+  centred = x - shift
+  offset, mean_sq = reduce(centred, lax.square(centred))
   mean = offset + (jnp.squeeze(shift, reduction_axes) if shift.ndim else shift)
   var = mean_sq - lax.square(offset)
 
-  def correction(x, mean, var):
-    exact_mean, exact_var = two_passes(x)
-    return exact_mean - mean, exact_var - var
+  def second_pass(centred, offset, var):
+    (exact,) = reduce(lax.square(centred - jnp.expand_dims(offset, reduction_axes)))
+    return exact - var
 
-  # Rounding x - shift costs the mean about |offset| / std ulps of the std.
   # The correction carries no derivative, so the cond is not differentiated.
+  # It reads `centred`, which the moments needed anyway (reading x would
+  # keep a second full-size array alive).
   imprecise = jnp.any(lax.square(offset) > 4.0 * var)
-  zeros = lambda x, mean, var: (jnp.zeros_like(mean), jnp.zeros_like(var))
-  d_mean, d_var = lax.cond(imprecise, correction, zeros, *lax.stop_gradient((x, mean, var)))
-  return mean + d_mean, jnp.maximum(var + d_var, 0.0)
+  zeros = lambda centred, offset, var: jnp.zeros_like(var)
+  var = var + lax.cond(imprecise, second_pass, zeros, *lax.stop_gradient((centred, offset, var)))
+  return mean, jnp.maximum(var, 0.0)
 
 
 def _num_groups(x, feature_axes, virtual_batch_size) -> int:
