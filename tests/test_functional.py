@@ -6,6 +6,7 @@ equations in float64 NumPy and independent of jaxbn, or from invariants
 """
 
 import doctest
+import functools
 import io
 import math
 
@@ -97,6 +98,27 @@ def _np_stats(x, axis=-1):
   x = np.asarray(x, np.float64)
   _, red, _, _ = _split_axes(x.shape, axis)
   return x.mean(red), x.var(red), math.prod(x.shape[a] for a in red)
+
+
+def _batch_stats(x, running_mean=None, **kwargs):
+  """Training-mode batch norm of ``x`` (features last) without scale or bias, momentum 0.
+
+  The running averages start at ``running_mean`` (default 0) and 1, so the
+  returned ``(y, mean, var)`` holds this batch's statistics.
+  """
+  features = x.shape[-1]
+  if running_mean is None:
+    running_mean = jnp.zeros(features)
+  return jaxbn.batch_norm(
+    x,
+    None,
+    None,
+    running_mean,
+    jnp.ones(features),
+    use_running_average=False,
+    momentum=0.0,
+    **kwargs,
+  )
 
 
 def _inputs(shape, axis=-1, seed=0):
@@ -254,18 +276,7 @@ class PerChannelTest(chex.TestCase):
   @parameterized.named_parameters(('fast', True), ('two_pass', False))
   def test_nhwc_statistics_per_channel(self, use_fast_variance):
     x = self._channels()
-    fn = self.variant(
-      lambda x: jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jnp.zeros(4),
-        jnp.ones(4),
-        use_running_average=False,
-        momentum=0.0,
-        use_fast_variance=use_fast_variance,
-      )
-    )
+    fn = self.variant(functools.partial(_batch_stats, use_fast_variance=use_fast_variance))
     y, mean, var = fn(x)
     x64 = x.astype(np.float64)
     chex.assert_shape([mean, var], (4,))
@@ -474,18 +485,7 @@ class NumericsTest(chex.TestCase):
     naive = np.square(x).mean((0, 1, 2)) - np.square(x.mean((0, 1, 2)))
     self.assertGreater(np.abs(naive / var64 - 1).max(), 1e-2)
 
-    fn = self.variant(
-      lambda x: jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jnp.zeros(2),
-        jnp.ones(2),
-        use_running_average=False,
-        momentum=0.0,
-        use_fast_variance=use_fast_variance,
-      )
-    )
+    fn = self.variant(functools.partial(_batch_stats, use_fast_variance=use_fast_variance))
     y, mean, var = fn(x)
     chex.assert_trees_all_close(mean, mean64, rtol=1e-6)
     chex.assert_trees_all_close(var, var64, rtol=1e-3)
@@ -507,11 +507,7 @@ class NumericsTest(chex.TestCase):
     mean64, var64, _ = _np_stats(x)
     std64 = np.sqrt(var64)
     running_mean = (mean64 + running_mean_offset * std64).astype(np.float32)
-    fn = self.variant(
-      lambda x, m: jaxbn.batch_norm(
-        x, None, None, m, jnp.ones(3), use_running_average=False, momentum=0.0
-      )
-    )
+    fn = self.variant(_batch_stats)
     y, mean, var = fn(x, running_mean)
     # Exact up to the rounding of x - running_mean: ulps of the larger of |x|
     # and |running_mean|, which x itself has when the running mean is near.
@@ -573,18 +569,7 @@ class NumericsTest(chex.TestCase):
     base = np.array([1e4, 1e4 + 0.1, -3e3], np.float32)
     steps = rng.integers(0, 2, (64, 3)).astype(np.float32)
     x = (base + steps * np.spacing(base)).astype(np.float32)
-    fn = self.variant(
-      lambda x: jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jnp.zeros(3),
-        jnp.ones(3),
-        use_running_average=False,
-        momentum=0.0,
-        use_fast_variance=use_fast_variance,
-      )
-    )
+    fn = self.variant(functools.partial(_batch_stats, use_fast_variance=use_fast_variance))
     y, _, var = fn(x)
     self.assertTrue(np.all(np.asarray(var) >= 0), var)
     chex.assert_tree_all_finite(y)
@@ -674,19 +659,7 @@ class MaskTest(chex.TestCase):
     data = (1e4 + rng.standard_normal((64, 2))).astype(np.float32)
     x = np.concatenate([np.zeros((4, 2), np.float32), data])
     rows = np.arange(68) >= 4
-    fn = self.variant(
-      lambda x, m: jaxbn.batch_norm(
-        x,
-        None,
-        None,
-        jnp.zeros(2),
-        jnp.ones(2),
-        mask=m,
-        use_running_average=False,
-        momentum=0.0,
-        use_fast_variance=use_fast_variance,
-      )
-    )
+    fn = self.variant(lambda x, m: _batch_stats(x, mask=m, use_fast_variance=use_fast_variance))
     _, mean, var = fn(x, rows[:, None])
     mean64, var64, _ = _np_stats(data)
     chex.assert_trees_all_close(mean, mean64, rtol=1e-6)
