@@ -41,7 +41,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for the configs/ package
@@ -138,10 +137,9 @@ class TorchVariant:
     self.name = {'scratch': 'torch LeNet, D2L BatchNorm', 'nn': REFERENCE}[norm]
     torch.manual_seed(0)
     self.trainer = torch_lenet.Trainer(torch_lenet.lenet(norm), lr=1.0)
-    nchw = lambda images: torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    self.images, self.labels = nchw(dataset.train_images), torch.from_numpy(dataset.train_labels)
-    self.labels = self.labels.long()
-    self.test_images = nchw(dataset.test_images)
+    self.images = torch_lenet.to_nchw(dataset.train_images)
+    self.labels = torch.from_numpy(dataset.train_labels).long()
+    self.test_images = torch_lenet.to_nchw(dataset.test_images)
     self.batch_size = batch_size
 
   def run(self, steps: int) -> tuple[float, int]:

@@ -115,6 +115,11 @@ class Trainer:
       return float(loss) * X.shape[0], float((y_hat.argmax(dim=1) == y).sum())
 
 
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+  """jaxbn's (N, 28, 28, 1) float32 images as a contiguous (N, 1, 28, 28) tensor."""
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 class FashionMNIST(torch.utils.data.Dataset):
   """What ``torchvision.datasets.FashionMNIST(transform=ToTensor())`` serves, item by item.
 
@@ -148,7 +153,7 @@ def batches(loader: str, images, labels, batch_size: int, train: bool):
     return torch.utils.data.DataLoader(
       FashionMNIST(images, labels), batch_size, shuffle=train, num_workers=4
     )
-  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  x = to_nchw(images)
   y = torch.from_numpy(labels).long()
   order = torch.randperm(len(y)) if train else torch.arange(len(y))
   return [(x[i], y[i]) for i in order.split(batch_size)]
