@@ -22,10 +22,14 @@ Conventions (shared by `jaxbn.BatchNorm`):
   averaged per feature.
 * **Precision**: statistics are reduced in at least float32, so bfloat16 or
   float16 inputs get float32 statistics.
+* **Derivatives** in training mode are batch norm's closed form, through the
+  batch statistics and in forward and reverse mode to any order; none flows
+  to the running statistics except through the momentum update.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -93,12 +97,12 @@ def _check_inputs(x, feature_axes, named_stats, momentum, count):
     )
 
 
-def _mean(values, axes, mask, axis_name, axis_index_groups):
+def _mean(values, axes, mask, axis_name, axis_index_groups, count=None):
   """Means over ``axes`` (and the named axis) of each array, in one collective.
 
   With a mask, each mean is a sum over the selected entries divided by their
-  count, both summed over devices: devices with fewer real examples weigh
-  less, unlike a mean of per-device means.
+  count (``count`` if given, else summed in the same collective): devices
+  with fewer real examples weigh less, unlike a mean of per-device means.
   """
   if mask is None:
     means = jnp.stack([v.mean(axes) for v in values])
@@ -106,11 +110,14 @@ def _mean(values, axes, mask, axis_name, axis_index_groups):
       means = lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
     return tuple(means)
   mask = jnp.broadcast_to(jnp.asarray(mask, bool), values[0].shape)
-  count = mask.sum(axes, dtype=values[0].dtype)
-  sums = jnp.stack([jnp.where(mask, v, 0).sum(axes) for v in values] + [count])
+  sums = [jnp.where(mask, v, 0).sum(axes) for v in values]
+  if count is None:
+    sums.append(mask.sum(axes, dtype=values[0].dtype))
+  sums = jnp.stack(sums)
   if axis_name is not None:
     sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-  *sums, count = sums
+  if count is None:
+    *sums, count = sums
   return tuple(s / jnp.maximum(count, 1) for s in sums)
 
 
@@ -225,6 +232,106 @@ def renorm_schedule(
   """
   progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
   return 1.0 + (rmax - 1.0) * progress, dmax * progress
+
+
+class _Normalization(NamedTuple):
+  """The static (hashable) settings of `_normalize`."""
+
+  axes: tuple[int, ...]
+  use_fast_variance: bool
+  axis_name: Any
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+
+
+def _affine(x, mean, rstd, axes, scale, bias, r=None, d=None):
+  """``(x - mean) * (rstd * r * scale) + (d * scale + bias)``, per-feature values
+  (shape of the axes kept) broadcast along ``axes``; None terms are left out."""
+  multiplier, offset = rstd, d
+  if r is not None:
+    multiplier = multiplier * r
+  if scale is not None:
+    multiplier = multiplier * scale
+    offset = None if offset is None else offset * scale
+  if bias is not None:
+    offset = bias if offset is None else offset + bias
+  keep = lambda v: jnp.expand_dims(v, axes)
+  y = (x - keep(mean)) * keep(multiplier)
+  return y if offset is None else y + keep(offset)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _normalize(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
+  """Training-mode batch norm: ``(y, batch_mean, batch_var)``.
+
+  ``x`` is reduced over ``how.axes``; ``scale`` and ``bias`` (or None) have
+  the shape of the statistics, or 1 along a group axis; ``mean, var`` are the
+  running statistics (the shift of the moments, and the reference of batch
+  renormalization). The derivative is batch norm's closed form
+  (`_normalize_jvp`); none flows to ``mean``, ``var``, ``mask`` or
+  ``renorm_clip``.
+  """
+  return _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip)[0]
+
+
+def _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
+  batch_mean, batch_var = batch_statistics(
+    x,
+    how.axes,
+    use_fast_variance=how.use_fast_variance,
+    mask=mask,
+    axis_name=how.axis_name,
+    axis_index_groups=how.axis_index_groups,
+    shift=jnp.expand_dims(mean, how.axes),
+  )
+  rstd = lax.rsqrt(batch_var + epsilon)
+  r = d = None
+  if renorm_clip is not None:
+    r, d = _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
+  y = _affine(x, batch_mean, rstd, how.axes, scale, bias, r, d)
+  return (y, batch_mean, batch_var), (rstd, r, d)
+
+
+@_normalize.defjvp
+def _normalize_jvp(how, primals, tangents):
+  r"""The tangent of ``y = x_hat * a + b``, ``x_hat = (x - mu) * rstd`` and
+  ``a = rstd * r * scale`` (`_affine`), grouped by what it broadcasts:
+
+  .. math::
+    \dot y = a \dot x
+      + \hat x \big(r\, \dot{\mathrm{scale}}
+        - a (\overline{\hat x \dot x} + \tfrac12 \mathrm{rstd}\, \dot\epsilon)\big)
+      + \big(d\, \dot{\mathrm{scale}} + \dot{\mathrm{bias}} - a \bar{\dot x}\big),
+
+  bars being the (masked, cross-device) means of the statistics:
+  :math:`\dot\mu = \bar{\dot x}` and :math:`\dot{\sigma^2} =
+  2 \overline{\hat x \dot x} / \mathrm{rstd}`. So written, its transpose
+  (reverse mode) takes two reductions, :math:`\sum g` and :math:`\sum g \hat x`,
+  shared with the gradients of ``bias`` and ``scale``, and one elementwise
+  pass; autodiff of the forward formula reduces four times and writes one
+  more full-size array (LeNet trains 3-5% faster on XLA:CPU).
+  """
+  x, scale, bias, _, _, _, mask, _ = primals
+  x_dot, scale_dot, bias_dot, _, _, epsilon_dot, *_ = tangents
+  (y, batch_mean, batch_var), (rstd, r, d) = _normalize_primal(how, *primals)
+  keep = lambda v: jnp.expand_dims(v, how.axes)
+  x_hat = (x - keep(batch_mean)) * keep(rstd)
+  # A mask's count is no tangent: it is summed apart from them.
+  count = None if mask is None else _count(x, how.axes, mask, how.axis_name, how.axis_index_groups)
+  mean_dot, x_hat_x_dot = _mean(
+    (x_dot, x_hat * x_dot), how.axes, mask, how.axis_name, how.axis_index_groups, count
+  )
+  a = rstd if r is None else rstd * r
+  slope = -a * (x_hat_x_dot + 0.5 * rstd * epsilon_dot)
+  if scale is not None:
+    slope = slope * scale + (scale_dot if r is None else r * scale_dot)
+    a = a * scale
+  offset = -a * mean_dot
+  if scale is not None and d is not None:
+    offset = offset + d * scale_dot
+  if bias is not None:
+    offset = offset + bias_dot
+  y_dot = keep(a) * x_dot + x_hat * keep(slope) + keep(offset)
+  return (y, batch_mean, batch_var), (y_dot, mean_dot, 2.0 * x_hat_x_dot / rstd)
 
 
 def batch_norm(
@@ -344,72 +451,62 @@ def batch_norm(
   # Without groups the input keeps its rank: XLA:CPU runs the first layer's
   # fusions 2-4x slower with an extra leading axis.
   lead = 1 if groups > 1 else 0
-  expand = (lambda v: jnp.asarray(v)[None]) if lead else jnp.asarray
   xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]) if lead else x
   group_axes = tuple(a + lead for a in reduction_axes)
-  stats_shape = [groups] * lead + [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
 
   if use_running_average:
-    batch_mean, batch_var = mean, var
-    new_mean, new_var = mean, var
-  else:
-    values_per_feature = math.prod(xg.shape[a] for a in group_axes)
-    if values_per_feature == 1 and axis_name is None:
-      raise ValueError(
-        f'Training-mode batch norm of an input of shape {x.shape} with '
-        f'feature axes {feature_axes} averages a single value per feature'
-        f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
-        'bias alone and nothing would be learned. Use a batch of at least 2 '
-        'examples, or use_running_average=True.'
-      )
-    group_mask = None
-    if mask is not None:
-      group_mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(xg.shape)
-    batch_mean, batch_var = batch_statistics(
-      xg.astype(stats_dtype),
-      group_axes,
-      use_fast_variance=use_fast_variance,
-      mask=group_mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      shift=mean.reshape([1] * lead + stats_shape[lead:]),
-    )
-    stored_var = batch_var
-    if unbiased_running_var:
-      n = _count(xg, group_axes, group_mask, axis_name, axis_index_groups)
-      stored_var = batch_var * n / jnp.maximum(n - 1, 1)
-    # Ghost batch norm: the running averages take the mean over the groups.
-    update_mean, update_var = batch_mean, stored_var
-    if lead:
-      update_mean, update_var = batch_mean.mean(0), stored_var.mean(0)
-    if momentum is None:
-      weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
-      new_mean = mean + weight * (update_mean - mean)
-      new_var = var + weight * (update_var - var)
-    else:
-      new_mean = momentum * mean + (1.0 - momentum) * update_mean
-      new_var = momentum * var + (1.0 - momentum) * update_var
+    y = _affine(xg, mean, lax.rsqrt(var + epsilon), group_axes, scale, bias)
+    return BatchNormOutput(y.reshape(x.shape).astype(dtype), mean, var)
 
-  multiplier = lax.rsqrt(batch_var + epsilon)
-  offset = None
-  if renorm_clip is not None and not use_running_average:
-    r, d = _renorm_correction(
-      batch_mean, batch_var, expand(mean), expand(var), epsilon, renorm_clip
+  values_per_feature = math.prod(xg.shape[a] for a in group_axes)
+  if values_per_feature == 1 and axis_name is None:
+    raise ValueError(
+      f'Training-mode batch norm of an input of shape {x.shape} with '
+      f'feature axes {feature_axes} averages a single value per feature'
+      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
+      'bias alone and nothing would be learned. Use a batch of at least 2 '
+      'examples, or use_running_average=True.'
     )
-    multiplier, offset = multiplier * r, d
+  group_mask = None
+  if mask is not None:
+    group_mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(xg.shape)
+  how = _Normalization(
+    axes=group_axes,
+    use_fast_variance=use_fast_variance,
+    axis_name=axis_name,
+    axis_index_groups=None
+    if axis_index_groups is None
+    else tuple(tuple(group) for group in axis_index_groups),
+  )
   # Per-feature values get the leading group axis of the statistics: no
   # implicit rank promotion (which jax_numpy_rank_promotion='raise' rejects).
-  if scale is not None:
-    scale = expand(scale)
-    multiplier = multiplier * scale
-    offset = None if offset is None else offset * scale
-  if bias is not None:
-    bias = expand(bias)
-    offset = bias if offset is None else offset + bias
-  y = (xg - batch_mean.reshape(stats_shape)) * multiplier.reshape(stats_shape)
-  if offset is not None:
-    if lead:
-      offset = jnp.broadcast_to(offset, (groups, *jnp.shape(offset)[-len(feature_axes) :]))
-    y = y + offset.reshape(stats_shape)
+  expand = lambda v: None if v is None else (jnp.asarray(v)[None] if lead else jnp.asarray(v))
+  # With a named axis the same formula is differentiated by autodiff: jax
+  # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
+  # differentiated after jit ("unbound axis name").
+  normalize = _normalize if axis_name is None else lambda *args: _normalize_primal(*args)[0]
+  y, batch_mean, batch_var = normalize(
+    how,
+    xg.astype(stats_dtype),
+    expand(scale),
+    expand(bias),
+    expand(mean),
+    expand(var),
+    epsilon,
+    group_mask,
+    renorm_clip,
+  )
+  if unbiased_running_var:
+    n = _count(xg, group_axes, group_mask, axis_name, axis_index_groups)
+    batch_var = batch_var * n / jnp.maximum(n - 1, 1)
+  if lead:  # Ghost batch norm: the running averages take the mean over the groups.
+    batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
+  if momentum is None:
+    weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
+    new_mean = mean + weight * (batch_mean - mean)
+    new_var = var + weight * (batch_var - var)
+  else:
+    new_mean = momentum * mean + (1.0 - momentum) * batch_mean
+    new_var = momentum * var + (1.0 - momentum) * batch_var
   y = y.reshape(x.shape)
   return BatchNormOutput(y.astype(dtype), new_mean, new_var)

@@ -158,6 +158,31 @@ class BatchRenormTest(chex.TestCase):
     chex.assert_trees_all_close(renorm(x), with_constants(x), atol=1e-4, rtol=1e-5)
     chex.assert_trees_all_close(jax.grad(renorm)(x), jax.grad(with_constants)(x), atol=1e-4)
 
+  @chex.variants(with_jit=True)
+  def test_gradients_match_finite_differences_where_clipped(self):
+    # Far from the running statistics, r = 1 / rmax and d = dmax are clipped
+    # constants: the function's own derivative is then the stop-gradient one.
+    x, scale, bias, _, _ = _inputs((8, 2, 3))
+    mean, var = jnp.full((3,), -10.0), jnp.full((3,), 100.0)
+    fn = self.variant(
+      lambda x, scale, bias: jaxbn.batch_norm(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        use_running_average=False,
+        renorm_clip=(1.5, 0.5),
+        virtual_batch_size=4,
+      )
+    )
+    groups = np.asarray(x, np.float64).reshape(2, 8, 3)
+    sigma_b, sigma = np.sqrt(groups.var(1) + 1e-5), np.sqrt(100.0 + 1e-5)
+    assert np.all(sigma_b / sigma < 1 / 1.5) and np.all((groups.mean(1) + 10.0) / sigma > 0.5)
+    with jax.enable_x64(True):
+      args = tuple(a.astype(jnp.float64) for a in (x, scale, bias))
+      jax.test_util.check_grads(fn, args, order=2, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
+
   def test_schedule_widens_linearly(self):
     for step, expected in [(0, (1.0, 0.0)), (50, (2.0, 2.5)), (100, (3.0, 5.0)), (500, (3.0, 5.0))]:
       np.testing.assert_allclose(jaxbn.renorm_schedule(step, 3.0, 5.0, 100), expected, rtol=1e-6)

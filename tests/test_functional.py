@@ -341,9 +341,10 @@ class PerChannelTest(chex.TestCase):
 class GradientTest(chex.TestCase):
   """Autodiff (forward and reverse, to second order) agrees with finite differences."""
 
-  def _check_grads_float64(self, shape, *, order, masked=False, **kwargs):
+  def _check_grads_float64(self, shape, *, order, masked=False, use_scale=True, **kwargs):
     with jax.enable_x64(True):
       args = tuple(a.astype(np.float64) for a in _inputs(shape, kwargs.get('axis', -1)))
+      args = args if use_scale else (args[0], None, *args[2:])
       mask = _mask(shape[:1] + (1,) * (len(shape) - 1)) if masked else None
       fn = self.variant(lambda *args: jaxbn.batch_norm(*args, mask=mask, epsilon=1e-3, **kwargs))
       self.assertEqual(fn(*args).y.dtype, jnp.float64)
@@ -372,6 +373,14 @@ class GradientTest(chex.TestCase):
       shape=(4, 3),
       use_fast_variance=False,
     ),
+    dict(
+      testcase_name='training_ghost_masked_no_scale',
+      use_running_average=False,
+      shape=(6, 3, 2),
+      masked=True,
+      virtual_batch_size=3,
+      use_scale=False,
+    ),
     dict(testcase_name='inference', use_running_average=True, shape=(4, 3)),
   )
   def test_check_grads_float64(self, **kwargs):
@@ -380,6 +389,33 @@ class GradientTest(chex.TestCase):
   @chex.variants(with_jit=True)
   def test_check_second_order_grads_float64(self):
     self._check_grads_float64((4, 3), order=2, use_running_average=False, unbiased_running_var=True)
+
+  @chex.variants(with_jit=True)
+  def test_check_grads_in_epsilon_float64(self):
+    # epsilon may be traced, and batch norm is differentiable in it.
+    with jax.enable_x64(True):
+      x, scale, bias, mean, var = (a.astype(np.float64) for a in _inputs((5, 3)))
+      fn = self.variant(
+        lambda eps: (
+          jaxbn.batch_norm(x, scale, bias, mean, var, use_running_average=False, epsilon=eps).y
+        )
+      )
+      jax.test_util.check_grads(fn, (0.5,), order=2, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
+
+  @chex.variants(with_jit=True)
+  def test_check_grads_with_axis_name_float64(self):
+    # Gradients flow across the shards of synchronized batch norm; the masks
+    # are uneven, so shards weigh by their counts.
+    mask = _mask((3, 4, 1))
+    shard = lambda x, m, *stats: jaxbn.batch_norm(
+      x, *stats, use_running_average=False, axis_name='b', mask=m, epsilon=1e-3
+    )
+    fn = self.variant(
+      lambda x, *stats: jax.vmap(shard, (0, 0) + (None,) * 4, axis_name='b')(x, mask, *stats)
+    )
+    with jax.enable_x64(True):
+      args = tuple(a.astype(np.float64) for a in _inputs((3, 4, 2)))
+      jax.test_util.check_grads(fn, args, order=1, modes=('fwd', 'rev'), atol=1e-6, rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_input_gradient_matches_closed_form(self):
