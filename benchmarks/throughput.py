@@ -10,8 +10,10 @@ Measures steady-state training examples/s at batch 256 on real Fashion-MNIST
 importable, for D2L's PyTorch LeNet-BN with its from-scratch BatchNorm and with
 nn.BatchNorm (benchmarks/torch_lenet.py, torch.set_num_threads(2)). Every
 variant is compiled (JAX) or warmed up first; then ``--repeats`` rounds time
-``--steps`` steps of each variant in turn, so that all see the same machine
-load, and a figure is the median over rounds. JAX steps are dispatched as
+``--steps`` steps of each variant in turn (in reverse order every other round),
+so that all see the same machine load, and a figure is the median over rounds.
+Ratios are the medians of the per-round ratios, with their quartiles: on a
+shared machine a round's load moves all variants of the round together. JAX steps are dispatched as
 `jaxbn.trainer` dispatches them (``steps_per_dispatch`` steps per call, each
 call's metrics read while the next runs); PyTorch steps are ``d2l.train_ch6``'s.
 
@@ -56,8 +58,8 @@ EPOCHS = 10
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description='Training throughput of jaxbn and PyTorch LeNets.')
-  parser.add_argument('--steps', type=int, default=78, help='training steps per timed round')
-  parser.add_argument('--repeats', type=int, default=9, help='timed rounds; the median is kept')
+  parser.add_argument('--steps', type=int, default=26, help='training steps per timed round')
+  parser.add_argument('--repeats', type=int, default=27, help='timed rounds; the median is kept')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--skip-torch', action='store_true', help='time the JAX variants only')
@@ -245,8 +247,8 @@ def measure(args: argparse.Namespace) -> dict:
   for variant in variants:
     variant.run(args.warmup)
   rates = {v.name: [] for v in variants}
-  for _ in range(args.repeats):
-    for variant in variants:
+  for round_index in range(args.repeats):
+    for variant in variants[:: -1 if round_index % 2 else 1]:
       seconds, steps = variant.run(args.steps)
       rates[variant.name].append(steps * args.batch_size / seconds)
   load_after = os.getloadavg()
@@ -267,9 +269,8 @@ def measure(args: argparse.Namespace) -> dict:
         variant.compile_seconds + EPOCHS * (epoch_seconds + eval_seconds)
       ),
     })  # fmt: skip
-  reference = next((r['examples_per_sec'] for r in rows if r['variant'] == REFERENCE), None)
   for row in rows:
-    row['ratio_to_torch_nn_batchnorm'] = reference and row['examples_per_sec'] / reference
+    row['ratio_to_torch_nn_batchnorm'] = paired_ratio(rates, row['variant'], REFERENCE)
   return {
     'device': device_description(),
     'jax_version': jax.__version__,
@@ -280,6 +281,7 @@ def measure(args: argparse.Namespace) -> dict:
     'rounds': args.repeats,
     'load_average_before_after': [load_before[0], load_after[0]],
     'rows': rows,
+    'jaxbn_over_flax': paired_ratio(rates, 'jaxbn LeNet, norm=jaxbn', 'jaxbn LeNet, norm=flax'),
     'end_to_end_epochs': args.epochs,
     'end_to_end': (
       end_to_end(args.epochs, args.batch_size, torch_version is not None, args.end_to_end_repeats)
@@ -287,6 +289,22 @@ def measure(args: argparse.Namespace) -> dict:
       else None
     ),
   }
+
+
+def paired_ratio(rates: dict, name: str, reference: str) -> dict | None:
+  """Median and quartiles of ``name``'s rate over ``reference``'s, round by round."""
+  if reference not in rates:
+    return None
+  ratios = [a / b for a, b in zip(rates[name], rates[reference], strict=True)]
+  quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+  return {'median': statistics.median(ratios), 'quartiles': [quartiles[0], quartiles[2]]}
+
+
+def format_ratio(ratio: dict | None) -> str:
+  if ratio is None:
+    return '-'
+  low, high = ratio['quartiles']
+  return f'{ratio["median"]:.2f}x ({low:.2f}-{high:.2f})'
 
 
 def print_table(results: dict) -> None:
@@ -297,6 +315,7 @@ def print_table(results: dict) -> None:
   print(
     f'\nbatch {results["batch_size"]}, median of {results["rounds"]} interleaved rounds of '
     f'{results["steps_per_round"]} steps; 1-min load average {load[0]:.1f} -> {load[1]:.1f}\n'
+    'ratios: median of the per-round ratios (quartiles)\n'
   )
   header = (
     f'{"variant":<30} {"examples/s":>10} {"vs " + REFERENCE:>22} {"compile s":>9} '
@@ -308,14 +327,12 @@ def print_table(results: dict) -> None:
     ratio = row['ratio_to_torch_nn_batchnorm']
     print(
       f'{row["variant"]:<30} {row["examples_per_sec"]:>10,.0f} '
-      f'{f"{ratio:.2f}x" if ratio else "-":>22} {row["compile_seconds"]:>9.1f} '
+      f'{format_ratio(ratio):>22} {row["compile_seconds"]:>9.1f} '
       f'{row["ten_epoch_seconds_extrapolated"]:>11.1f}'
     )
-  rates = {row['variant']: row['examples_per_sec'] for row in results['rows']}
   print(
     '\n* extrapolated: compile + 10 x (one epoch at the median rate + one test-set evaluation).'
-    f'\njaxbn BN / flax BN throughput: '
-    f'{rates["jaxbn LeNet, norm=jaxbn"] / rates["jaxbn LeNet, norm=flax"]:.2f}'
+    f'\njaxbn BN / flax BN throughput: {format_ratio(results["jaxbn_over_flax"])}'
   )
   e2e = results['end_to_end']
   if e2e:
