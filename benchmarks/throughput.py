@@ -13,9 +13,10 @@ variant is compiled (JAX) or warmed up first; then ``--repeats`` rounds time
 ``--steps`` steps of each variant in turn (in reverse order every other round),
 so that all see the same machine load, and a figure is the median over rounds.
 Ratios are the medians of the per-round ratios, with their quartiles: on a
-shared machine a round's load moves all variants of the round together. JAX steps are dispatched as
-`jaxbn.trainer` dispatches them (``steps_per_dispatch`` steps per call, each
-call's metrics read while the next runs); PyTorch steps are ``d2l.train_ch6``'s.
+shared machine a round's load moves all variants of the round together. JAX
+steps are dispatched as `jaxbn.trainer` dispatches them (``steps_per_dispatch``
+steps per call, each call's metrics read while the next runs); PyTorch steps
+are ``d2l.train_ch6``'s.
 
 The 10-epoch wall time of each variant is extrapolated: compile time + 10 x
 (one epoch of full batches at the measured rate + one evaluation of the test

@@ -308,7 +308,8 @@ def _normalize_jvp(how, primals, tangents):
   (reverse mode) takes two reductions, :math:`\sum g` and :math:`\sum g \hat x`,
   shared with the gradients of ``bias`` and ``scale``, and one elementwise
   pass; autodiff of the forward formula reduces three times and writes one
-  more full-size array (LeNet trains 3-5% faster on XLA:CPU).
+  more full-size array (on XLA:CPU, benchmarks/throughput.py measured jaxbn's
+  LeNet at 0.98-0.99x Flax BN's speed before, 1.03-1.04x after).
   """
   x, scale, bias, _, _, _, mask, _ = primals
   x_dot, scale_dot, bias_dot, _, _, epsilon_dot, *_ = tangents
