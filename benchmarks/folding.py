@@ -26,13 +26,13 @@ def main():
   parser.add_argument('--repeats', type=int, default=7)
   args = parser.parse_args()
   images = jax.random.uniform(jax.random.key(0), (args.batch, 28, 28, 1))
-  model = LeNet(norm='jaxbn')
+  model = LeNet()
   variables = model.init(jax.random.key(1), images[:2], train=False)
   folded = folding.fold_batch_norms(variables['params'], variables['batch_stats'])
   runs = {
     'LeNet-BN (inference mode)': jax.jit(lambda x: model.apply(variables, x, train=False)),
     'LeNet, BN folded': jax.jit(
-      lambda x: LeNet(norm='none').apply({'params': folded}, x, train=False)
+      lambda x: LeNet(norm=None).apply({'params': folded}, x, train=False)
     ),
   }
   times = {name: [] for name in runs}

@@ -16,10 +16,10 @@ from jax import lax
 
 # (layer, the BN layer that follows it) in jaxbn.models.LeNet.
 LENET_PAIRS = (
-  ('Conv_0', 'BatchNorm_0'),
-  ('Conv_1', 'BatchNorm_1'),
-  ('Dense_0', 'BatchNorm_2'),
-  ('Dense_1', 'BatchNorm_3'),
+  ('conv1', 'bn1'),
+  ('conv2', 'bn2'),
+  ('fc1', 'bn3'),
+  ('fc2', 'bn4'),
 )
 
 
@@ -59,7 +59,7 @@ def fold_batch_norms(
   pairs: Sequence[tuple[str, str]] = LENET_PAIRS,
   epsilon: float = 1e-5,
 ) -> dict:
-  """Params of the same model without its BN layers (e.g. LeNet(norm='none')).
+  """Params of the same model without its BN layers (e.g. LeNet(norm=None)).
 
   Each ``(layer, bn)`` pair names a top-level layer and the BN layer applied
   to its output; the BN layers' params disappear and the layers get folded

@@ -38,6 +38,7 @@ differently).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -150,12 +151,15 @@ def sync_model(apply_fn: Any, mesh: Mesh, bn_stats: str) -> nn.Module:
   if bn_stats not in BN_STATS:
     raise ValueError(f'bn_stats={bn_stats!r} is not one of {BN_STATS}.')
   model = getattr(apply_fn, '__self__', None)
-  if not isinstance(model, nn.Module) or not hasattr(model, 'axis_name'):
+  if not isinstance(model, nn.Module) or not hasattr(model, 'norm'):
     raise TypeError(
-      f'apply_fn={apply_fn!r} must be the apply of a module with an axis_name attribute '
+      f'apply_fn={apply_fn!r} must be the apply of a module with a norm attribute '
       'for its BN layers, such as models.LeNet.'
     )
-  return model.clone(axis_name=DATA if bn_stats == 'global' and mesh.size > 1 else None)
+  if model.norm is None:
+    return model
+  axis_name = DATA if bn_stats == 'global' and mesh.size > 1 else None
+  return model.clone(norm=functools.partial(model.norm, axis_name=axis_name))
 
 
 def device_train_step(
@@ -170,7 +174,8 @@ def device_train_step(
   ``accuracy`` over the real examples of all devices, before the update.
   """
   mask = batch.get('mask')
-  if mask is not None and getattr(model, 'norm', None) == 'flax' and model.axis_name is not None:
+  synced = model.norm is not None and model.norm.keywords.get('axis_name') is not None
+  if mask is not None and synced and model.norm.func is nn.BatchNorm:
     raise ValueError(
       "norm='flax' with a mask and global statistics: flax.linen.BatchNorm averages "
       'per-device means, which is wrong when devices hold different numbers of real '
@@ -194,7 +199,7 @@ def device_train_step(
     return global_mean(losses), (logits, updates.get('batch_stats', {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if model.axis_name is None:
+  if not synced:
     # Per-device running averages: their mean is the running average of the
     # mean statistics (the update is linear). Counts are equal on every device.
     batch_stats = jax.tree.map(

@@ -32,15 +32,17 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """Initializes the model of ``config`` and ``optax.sgd(config.learning_rate)``."""
-  model = models.create_model(
-    config.model,
-    norm=config.norm,
-    momentum=config.bn_momentum,
-    epsilon=config.bn_epsilon,
-    virtual_batch_size=config.bn_virtual_batch_size or None,
-    renorm_clip=(config.bn_renorm_rmax, config.bn_renorm_dmax) if config.bn_renorm_rmax else None,
-    renorm_warmup_steps=config.bn_renorm_warmup_steps,
+  options = {}
+  if config.norm == 'jaxbn':
+    options = dict(
+      virtual_batch_size=config.bn_virtual_batch_size or None,
+      renorm_clip=(config.bn_renorm_rmax, config.bn_renorm_dmax) if config.bn_renorm_rmax else None,
+      renorm_warmup_steps=config.bn_renorm_warmup_steps,
+    )
+  norm = models.norm_layer(
+    config.norm, momentum=config.bn_momentum, epsilon=config.bn_epsilon, **options
   )
+  model = models.LeNet(norm=norm)
   # One compiled call (op by op, initialisation compiled ~125 small programs),
   # without LLVM's optimisations: it runs once, and its random-number code
   # otherwise took 1.3 s of a 1.6 s compilation. Same values either way.

@@ -7,13 +7,13 @@ import optax
 import pytest
 
 from jaxbn import folding, training
-from jaxbn.models import LeNet
+from jaxbn.models import LeNet, norm_layer
 
 
 @pytest.mark.parametrize('norm', ['jaxbn', 'flax'])
 def test_folded_lenet_equals_lenet_bn_in_inference(norm):
   images = jax.random.uniform(jax.random.key(0), (64, 28, 28, 1))
-  model = LeNet(norm=norm)
+  model = LeNet(norm=norm_layer(norm, momentum=0.9))
   variables = model.init(jax.random.key(1), images[:2], train=False)
   # Train a few steps so that the running statistics and BN params are not trivial.
   state = training.TrainState.create(
@@ -26,15 +26,15 @@ def test_folded_lenet_equals_lenet_bn_in_inference(norm):
   for i in range(4):
     labels = jax.random.randint(jax.random.key(10 + i), (64,), 0, 10)
     state, _ = step(state, {'image': images, 'label': labels})
-  stats = state.batch_stats['BatchNorm_0']
+  stats = state.batch_stats['bn1']
   assert float(jnp.abs(stats['mean']).max()) > 1e-3
 
   expected = model.apply(
     {'params': state.params, 'batch_stats': state.batch_stats}, images, train=False
   )
   folded = folding.fold_batch_norms(state.params, state.batch_stats)
-  assert not any(k.startswith('BatchNorm') for k in folded)
-  got = LeNet(norm='none').apply({'params': folded}, images, train=False)
+  assert not any(k.startswith('bn') for k in folded)
+  got = LeNet(norm=None).apply({'params': folded}, images, train=False)
   chex.assert_trees_all_close(got, expected, atol=2e-5, rtol=2e-5)
 
 

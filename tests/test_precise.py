@@ -8,7 +8,7 @@ import numpy as np
 
 import jaxbn
 from jaxbn import precise
-from jaxbn.models import LeNet
+from jaxbn.models import LeNet, norm_layer
 
 
 class TwoLayer(nn.Module):
@@ -76,13 +76,13 @@ def test_flax_and_jaxbn_layers_give_the_same_statistics():
   images = jax.random.uniform(jax.random.key(4), (64, 28, 28, 1))
   results = {}
   for norm in ('jaxbn', 'flax'):
-    model = LeNet(norm=norm)
+    model = LeNet(norm=norm_layer(norm, momentum=0.9))
     variables = model.init(jax.random.key(5), images[:2], train=False)
     results[norm] = precise.precise_batch_stats(
       model.apply, variables['params'], variables['batch_stats'], images, 16, train=True
     )
   chex.assert_trees_all_close(results['jaxbn'], results['flax'], rtol=1e-4, atol=1e-6)
-  first = results['jaxbn']['BatchNorm_0']
+  first = results['jaxbn']['bn1']
   chex.assert_shape([first['mean'], first['var']], (6,))
   assert not np.allclose(first['var'], 1.0)
 

@@ -42,7 +42,7 @@ def test_train_step_is_pure_compiles_once_and_updates_stats(norm):
   if norm == 'none':
     assert new_state.batch_stats == {}
   else:
-    bn = new_state.batch_stats['BatchNorm_0']
+    bn = new_state.batch_stats['bn1']
     assert not np.allclose(bn['mean'], 0.0) and not np.allclose(bn['var'], 1.0)
 
 

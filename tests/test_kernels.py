@@ -1,10 +1,11 @@
-"""The fast formulations in `jaxbn.models` compute what the straightforward ones do.
+"""The XLA:CPU layers of `jaxbn.kernels` compute what the standard Flax layers do.
 
-Each reformulation made for speed (convolutions as matrix products, pooling
-with an elementwise gradient, the first layer in NCHW) is checked against the
-plain Flax formulation, `ReferenceLeNet` below (``nn.Conv``, a reshape-and-max
-pooling, NHWC throughout), in values and gradients, and over a few training
-steps. Everything runs jitted, as training does: XLA:CPU has compiled some
+The banded convolution and the pool with an elementwise gradient are checked
+against ``lax.conv_general_dilated`` / ``nn.Conv`` and a reshape-and-max pool
+(whose gradient is autodiff's), and LeNet built from them
+(``conv_impl='banded'``) against LeNet built from ``nn.Conv`` and
+``nn.max_pool`` (``conv_impl='standard'``), in values and gradients, and over
+a few training steps. Everything runs jitted, as training does: XLA:CPU has compiled some
 fused formulations to wrong gradients that were right op by op.
 
 Max-pooling makes gradients discontinuous: when the two largest values of a
@@ -23,8 +24,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jaxbn import models, training
-from jaxbn.linen import BatchNorm
+from jaxbn import kernels, models, training
 
 # Results of differently ordered sums. Unit inputs are N(0, 1), so float32
 # sums of tens of terms carry absolute errors near 1e-6. The model's gradients
@@ -45,30 +45,6 @@ def reshape_max_pool(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-class ReferenceLeNet(nn.Module):
-  """LeNet-BN as first written: nn.Conv, reshape-and-max pooling, NHWC."""
-
-  norm: str = 'jaxbn'
-
-  @nn.compact
-  def __call__(self, x, train):
-    init = nn.initializers.xavier_uniform()
-    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding='VALID', kernel_init=init)
-
-    def norm(h):
-      if self.norm == 'none':
-        return h
-      module = BatchNorm if self.norm == 'jaxbn' else nn.BatchNorm
-      return module(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h)
-
-    x = reshape_max_pool(nn.sigmoid(norm(conv(6)(x))))
-    x = reshape_max_pool(nn.sigmoid(norm(conv(16)(x))))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.sigmoid(norm(nn.Dense(120, kernel_init=init)(x)))
-    x = nn.sigmoid(norm(nn.Dense(84, kernel_init=init)(x)))
-    return nn.Dense(10, kernel_init=init)(x)
-
-
 def images(n, seed=0):
   """(n, 28, 28, 1) images in [0, 1] with a zero background, as Fashion-MNIST has."""
   k1, k2 = jax.random.split(jax.random.key(seed))
@@ -86,7 +62,6 @@ def value_and_vjp(f, *args, seed=1):
   return jax.jit(run)(*args)
 
 
-@pytest.mark.parametrize('channels_first', [False, True])
 @pytest.mark.parametrize(
   'x_shape, k_shape, block',
   [
@@ -95,32 +70,49 @@ def value_and_vjp(f, *args, seed=1):
     ((2, 9, 11, 2), (3, 4, 2, 5), 4),
   ],
 )
-def test_conv_valid_equals_lax_conv(x_shape, k_shape, block, channels_first):
+def test_conv_valid_equals_lax_conv(x_shape, k_shape, block):
   x = jax.random.normal(jax.random.key(0), x_shape)
   kernel = jax.random.normal(jax.random.key(1), k_shape)
-  layout = (lambda y: jnp.transpose(y, (0, 3, 1, 2))) if channels_first else (lambda y: y)
-  got = value_and_vjp(lambda x, k: models.conv_valid(x, k, block, channels_first), x, kernel)
-  want = value_and_vjp(lambda x, k: layout(lax_conv(x, k)), x, kernel)
+  got = value_and_vjp(lambda x, k: kernels.conv_valid(x, k, block), x, kernel)
+  want = value_and_vjp(lax_conv, x, kernel)
   chex.assert_trees_all_close(got, want, **UNIT_TOL)
 
 
+def test_banded_conv_is_a_drop_in_for_nn_conv():
+  """Same parameter tree from the same key, same outputs."""
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+  options = dict(features=4, kernel_size=(5, 3), padding='VALID')
+  banded, standard = kernels.BandedConv(**options), nn.Conv(**options)
+  variables = banded.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(variables, standard.init(jax.random.key(1), x))
+  chex.assert_trees_all_close(banded.apply(variables, x), standard.apply(variables, x), **UNIT_TOL)
+  with pytest.raises(ValueError, match='VALID'):
+    kernels.BandedConv(4, (5, 5), padding='SAME').init(jax.random.key(1), x)
+
+
 @pytest.mark.parametrize('layout', ['NHWC', 'NCHW'])
-def test_max_pool_equals_reshape_max_with_ties(layout):
+def test_max_pool_equals_nn_max_pool_with_ties(layout):
   # Values on a coarse grid, so that windows hold two, three or four maxima;
   # a sigmoid before the pool, as in the model, fuses with it.
   x = jnp.round(jax.random.normal(jax.random.key(0), (4, 8, 12, 3)) * 2) / 2
   to, back, axes = (lambda v: v, lambda v: v, (1, 2))
   if layout == 'NCHW':
     to, back, axes = (lambda v: v.transpose(0, 3, 1, 2), lambda v: v.transpose(0, 2, 3, 1), (2, 3))
-  got = value_and_vjp(lambda x: back(models.max_pool_2x2(to(nn.sigmoid(x)), axes)), x)
+  got = value_and_vjp(lambda x: back(kernels.max_pool_2x2(to(nn.sigmoid(x)), axes)), x)
   want = value_and_vjp(lambda x: reshape_max_pool(nn.sigmoid(x)), x)
   chex.assert_trees_all_close(got, want, rtol=0, atol=0)
+  # nn.max_pool's values; its gradient (select-and-scatter) gives a tied
+  # window's cotangent to one maximum, so only the values are compared.
+  pooled = nn.max_pool(nn.sigmoid(x), (2, 2), strides=(2, 2))
+  chex.assert_trees_all_close(got[0], pooled, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64])
 @pytest.mark.parametrize('norm', models.NORMS)
-def test_lenet_equals_reference_in_values_stats_and_gradients(norm, dtype):
-  model, reference = models.LeNet(norm=norm), ReferenceLeNet(norm=norm)
+def test_banded_lenet_equals_standard_lenet_in_values_stats_and_gradients(norm, dtype):
+  norm = models.norm_layer(norm, momentum=0.9)
+  model = models.LeNet(norm=norm, conv_impl='banded')
+  reference = models.LeNet(norm=norm, conv_impl='standard')
   variables = model.init(jax.random.key(0), images(1), train=False)
   chex.assert_trees_all_equal(variables, reference.init(jax.random.key(0), images(1), train=False))
   with jax.enable_x64(dtype == jnp.float64):
@@ -145,9 +137,9 @@ def test_lenet_equals_reference_in_values_stats_and_gradients(norm, dtype):
     chex.assert_trees_all_close(infer(model), infer(reference), **TOL[dtype])
 
 
-def test_training_steps_equal_reference_steps():
+def test_training_steps_equal_standard_steps():
   """Three SGD steps (lr 1.0) of `training.train_step` on batches of 256, in float64."""
-  model, reference = models.LeNet(), ReferenceLeNet()
+  model, reference = models.LeNet(conv_impl='banded'), models.LeNet(conv_impl='standard')
   variables = model.init(jax.random.key(0), images(1), train=False)
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
@@ -170,3 +162,13 @@ def test_training_steps_equal_reference_steps():
         getattr(states[0], name), getattr(states[1], name), **TOL[jnp.float64]
       )
   np.testing.assert_array_equal(states[0].step, 3)
+
+
+def test_auto_picks_the_banded_forms_on_cpu_only(monkeypatch):
+  assert jax.default_backend() == 'cpu'
+  assert models.resolve_conv_impl('auto') == 'banded'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert models.resolve_conv_impl('auto') == 'standard'
+  assert models.resolve_conv_impl('banded') == 'banded'
+  with pytest.raises(ValueError, match="conv_impl='fast' is not one of"):
+    models.resolve_conv_impl('fast')
