@@ -1,0 +1,44 @@
+"""Results provenance: the CPU, the commit and the packages are recorded as they are."""
+
+import subprocess
+
+from jaxbn import provenance
+
+# The first processor of /proc/cpuinfo on an AVX2-only machine (Zen 1), cut short.
+ZEN1 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC 7551 32-Core Processor
+stepping\t: 2
+flags\t\t: fpu sse4_1 sse4_2 avx f16c fma avx2 bmi2 sha_ni
+
+processor\t: 1
+model name\t: another processor
+flags\t\t: avx512f
+"""
+
+
+def test_cpu_info_reads_the_first_processor():
+  info = provenance.cpu_info(ZEN1)
+  assert info == {
+    'model_name': 'AMD EPYC 7551 32-Core Processor',
+    'vendor': 'AuthenticAMD',
+    'family': '23',
+    'model': '1',
+    'stepping': '2',
+    'isa': ['avx', 'avx2', 'f16c', 'fma', 'sse4_1', 'sse4_2'],
+  }
+  line = provenance.describe_cpu(info)
+  assert line.startswith('AMD EPYC 7551 32-Core Processor (family 23 model 1 stepping 2; avx2 fma)')
+
+
+def test_record_names_this_commit_and_machine():
+  head = subprocess.run(
+    ['git', 'rev-parse', 'HEAD'], cwd=provenance.ROOT, capture_output=True, text=True, check=True
+  ).stdout.strip()
+  record = provenance.record(['train.py', '--config', 'configs/lenet_bn.py'])
+  assert record['commit'].removesuffix('+dirty') == head
+  assert record['command'].endswith('train.py --config configs/lenet_bn.py')
+  assert record['cores'] >= 1 and record['cpu']['model_name']
+  assert record['packages']['jax'] and record['packages']['flax']
