@@ -42,6 +42,15 @@ IDX_SHA256 = {
 }
 
 
+# The arrays of a `Dataset` (as uint8, before scaling) and the IDX files they come from.
+IDX_FILES = {
+  'train_images': 'train-images-idx3-ubyte',
+  'train_labels': 'train-labels-idx1-ubyte',
+  'test_images': 't10k-images-idx3-ubyte',
+  'test_labels': 't10k-labels-idx1-ubyte',
+}
+
+
 class DataNotFoundError(FileNotFoundError):
   """Raised when no source of Fashion-MNIST worked; lists each one tried."""
 
@@ -135,13 +144,12 @@ def read_idx(path: str | os.PathLike, name: str) -> np.ndarray:
 
 
 def _load_idx_dir(idx_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  files = {
-    'train_images': 'train-images-idx3-ubyte',
-    'train_labels': 'train-labels-idx1-ubyte',
-    'test_images': 't10k-images-idx3-ubyte',
-    'test_labels': 't10k-labels-idx1-ubyte',
-  }
-  return {key: read_idx(idx_dir / f'{name}.gz', name) for key, name in files.items()}
+  return {key: read_idx(idx_dir / f'{name}.gz', name) for key, name in IDX_FILES.items()}
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+  """The decompressed IDX file of a uint8 ``array``: magic, big-endian sizes, values."""
+  return bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>u4').tobytes() + array.tobytes()
 
 
 def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
@@ -154,6 +162,7 @@ def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_cache(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """The cached arrays, checked against the SHA-256 of the IDX files they were read from."""
   with np.load(path) as npz:
     arrays = {k: npz[k] for k in npz.files}
   expected = {
@@ -165,6 +174,14 @@ def _read_cache(path: pathlib.Path) -> dict[str, np.ndarray]:
   got = {k: v.shape for k, v in arrays.items()}
   if got != expected:
     raise CorruptDataError(f'{path} holds arrays {got}, expected {expected}: delete it.')
+  for key, name in IDX_FILES.items():
+    if arrays[key].dtype != np.uint8 or (
+      hashlib.sha256(_idx_bytes(arrays[key])).hexdigest() != IDX_SHA256[name]
+    ):
+      raise CorruptDataError(
+        f'{path} holds {key} that differ from Fashion-MNIST ({name}): delete it, '
+        'and it is rebuilt from the IDX files.'
+      )
   return arrays
 
 

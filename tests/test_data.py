@@ -1,7 +1,10 @@
 """The Fashion-MNIST loader: real IDX files, checksums, cache and the error listing every source."""
 
 import gzip
+import importlib
+import importlib.abc
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +104,69 @@ def test_a_damaged_cache_is_reported_and_rebuilt(real_idx_dir, tmp_path):
   ds = data.load_fashion_mnist(tmp_path, real_idx_dir, download=False)
   assert ds.source.startswith('IDX files')
   assert data.load_fashion_mnist(tmp_path, None, download=False).source.startswith('jaxbn cache')
+
+
+def test_a_cache_with_other_contents_is_refused(real_idx_dir, tmp_path):
+  """Right shapes, wrong values (one pixel changed): the cache's digest check finds it."""
+  data.load_fashion_mnist(tmp_path, real_idx_dir, download=False)
+  cache = tmp_path / data.CACHE_NAME
+  with np.load(cache) as npz:
+    arrays = dict(npz)
+  arrays['test_images'][123, 14, 14] ^= 1
+  np.savez(cache, **arrays)
+  with pytest.raises(data.DataNotFoundError, match=r'holds test_images that differ'):
+    data.load_fashion_mnist(tmp_path, idx_dir=None, download=False)
+
+
+def test_sources_are_tried_in_order(real_idx_dir, tmp_path, monkeypatch):
+  """jaxbn's cache, then tfds's prepared copy, then the IDX files, then a tfds download."""
+  calls = []
+
+  def fake_tfds(data_dir, download):
+    calls.append(download)
+    if download or fail_prepared:
+      raise RuntimeError('no tfds here')
+    return data.Dataset(*[np.zeros(1)] * 4, source='tfds')
+
+  monkeypatch.setattr(data, '_load_tfds', fake_tfds)
+  (tmp_path / 'fashion_mnist').mkdir()  # as if tfds had prepared it
+  fail_prepared = False
+  assert data.load_fashion_mnist(tmp_path, real_idx_dir).source == 'tfds'
+  assert calls == [False]  # a prepared copy is read, never downloaded again
+  fail_prepared = True
+  assert data.load_fashion_mnist(tmp_path, real_idx_dir).source.startswith('IDX files')
+  assert data.load_fashion_mnist(tmp_path, real_idx_dir).source.startswith('jaxbn cache')
+  assert calls == [False, False]  # the cache comes first
+  (tmp_path / data.CACHE_NAME).unlink()
+  with pytest.raises(data.DataNotFoundError) as info:
+    data.load_fashion_mnist(tmp_path, tmp_path / 'no-idx', download=True)
+  assert calls == [False, False, False, True]
+  assert 'tfds download into' in str(info.value) and 'no tfds here' in str(info.value)
+  calls.clear()
+  with pytest.raises(data.DataNotFoundError):
+    data.load_fashion_mnist(tmp_path, tmp_path / 'no-idx', download=False)
+  assert calls == [False]
+
+
+class WithoutTensorFlow(importlib.abc.MetaPathFinder):
+  """An import finder that finds what ``finder`` does, but never TensorFlow."""
+
+  def __init__(self, finder):
+    self.finder = finder
+
+  def find_spec(self, name, path, target=None):
+    if name == 'tensorflow' or name.startswith('tensorflow.'):
+      return None
+    return self.finder.find_spec(name, path, target)
+
+
+def test_a_download_without_tensorflow_says_how_to_install_it(tmp_path, monkeypatch):
+  """The real tfds branch: preparing the data set needs TensorFlow, and the error says so."""
+  importlib.import_module('tensorflow_datasets')  # imported as usual, TensorFlow or not
+  # As where TensorFlow is not installed (pip install jaxbn without the tf extra).
+  for name in [m for m in sys.modules if m == 'tensorflow' or m.startswith('tensorflow.')]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setattr(sys, 'meta_path', [WithoutTensorFlow(f) for f in sys.meta_path])
+  pattern = r'tfds download into .*tfds needs TensorFlow.*pip install "jaxbn\[tf\]"'
+  with pytest.raises(data.DataNotFoundError, match=pattern):
+    data.load_fashion_mnist(tmp_path, idx_dir=None, download=True)
