@@ -11,7 +11,7 @@ CONFIG ?= configs/lenet_bn.py
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test lint data bench seeds clean
+.PHONY: train test lint data bench seeds mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: data $(VENV)/.installed lint
 bench: data $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/throughput.py $(ARGS)
+
+# Deliberate bugs in a copy of jaxbn; fails if a test misses one (tests/mutants.py).
+mutants: data $(VENV)/.installed
+	$(PY) tests/mutants.py $(ARGS)
 
 seeds: data $(VENV)/.installed
 	$(PY) experiments/seeds.py $(ARGS)
