@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +38,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-Axes = int | Sequence[int]
+from jaxbn.statistics import (
+  Axes,
+  batch_statistics,
+  canonicalize_axes,
+  masked_means,
+  value_count,
+)
 
 
 class BatchNormOutput(NamedTuple):
@@ -48,25 +53,6 @@ class BatchNormOutput(NamedTuple):
   y: jax.Array
   mean: jax.Array
   var: jax.Array
-
-
-def canonicalize_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-  """Returns ``axis`` as a sorted tuple of non-negative axes of an ``ndim`` array.
-
-  Raises:
-    ValueError: if an axis is out of range for ``ndim`` or repeated.
-  """
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  for a in axes:
-    if not isinstance(a, int) or not -ndim <= a < ndim:
-      raise ValueError(
-        f'axis={axis!r} is out of range for an input of rank {ndim}: use '
-        f'feature axes in [-{ndim}, {ndim - 1}] (-1 for NHWC and (N, C)).'
-      )
-  canonical = tuple(sorted(a % ndim for a in axes))
-  if len(set(canonical)) != len(canonical):
-    raise ValueError(f'axis={axis!r} names the same axis twice.')
-  return canonical
 
 
 def _check_inputs(x, feature_axes, named_stats, momentum, count):
@@ -95,103 +81,6 @@ def _check_inputs(x, feature_axes, named_stats, momentum, count):
       'running average (0.9 keeps 90% of the old value); PyTorch-style '
       'momentum m corresponds to 1 - m here.'
     )
-
-
-def _mean(values, axes, mask, axis_name, axis_index_groups, count=None):
-  """Means over ``axes`` (and the named axis) of each array, in one collective.
-
-  With a mask, each mean is a sum over the selected entries divided by their
-  count (``count`` if given, else summed in the same collective): devices
-  with fewer real examples weigh less, unlike a mean of per-device means.
-  """
-  if mask is None:
-    means = jnp.stack([v.mean(axes) for v in values])
-    if axis_name is not None:
-      means = lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
-    return tuple(means)
-  mask = jnp.broadcast_to(jnp.asarray(mask, bool), values[0].shape)
-  sums = [jnp.where(mask, v, 0).sum(axes) for v in values]
-  if count is None:
-    sums.append(mask.sum(axes, dtype=values[0].dtype))
-  sums = jnp.stack(sums)
-  if axis_name is not None:
-    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-  if count is None:
-    *sums, count = sums
-  return tuple(s / jnp.maximum(count, 1) for s in sums)
-
-
-def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
-  """Number of values averaged per feature (for the unbiased variance)."""
-  if mask is None:
-    n = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes), jnp.float32)
-  else:
-    n = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).sum(reduction_axes, dtype=jnp.float32)
-  if axis_name is not None:
-    n = lax.psum(n, axis_name, axis_index_groups=axis_index_groups)
-  return n
-
-
-def batch_statistics(
-  x: jax.Array,
-  reduction_axes: tuple[int, ...],
-  *,
-  use_fast_variance: bool = True,
-  mask: ArrayLike | None = None,
-  axis_name: str | None = None,
-  axis_index_groups: Any = None,
-  shift: ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Per-feature mean and biased variance of ``x`` over ``reduction_axes``.
-
-  ``x`` should already be in the precision of the reduction (float32 or
-  wider). Both formulas give a variance that is never negative:
-
-  * ``use_fast_variance=True``: one pass and one collective, with shifted
-    moments ``var = E[(x - k)^2] - E[x - k]^2``. ``k = shift`` is a guess of
-    the mean of each feature (size 1 along ``reduction_axes``; 0 if None):
-    `batch_norm` passes the running mean, so that no extra pass over ``x`` is
-    needed. The formula loses about ``(E[x] - k)^2 / var`` ulps of the
-    variance (flax issue 1491 is ``k = 0`` with a large mean); when ``k`` is
-    more than 2 standard deviations from the mean, a second pass about the
-    mean of ``x - k`` replaces it (under `lax.cond`, so it costs only then).
-    Mean and variance are then exact up to the rounding of ``x - k`` (to ulps
-    of the larger of ``|x|`` and ``|k|``, the rounding ``x`` itself has when
-    ``k`` is no larger).
-  * ``use_fast_variance=False``: two passes, ``var = E[(x - E[x])^2]``.
-
-  Gradients are those of the formula; with ``shift`` they do not flow
-  through ``k``.
-
-  Returns:
-    ``(mean, var)``, each of the shape of the axes not reduced over.
-  """
-  reduce = lambda *vs: _mean(vs, reduction_axes, mask, axis_name, axis_index_groups)
-
-  def two_passes(x):
-    (mean,) = reduce(x)
-    (var,) = reduce(lax.square(x - jnp.expand_dims(mean, reduction_axes)))
-    return mean, var
-
-  if not use_fast_variance:
-    return two_passes(x)
-  shift = jnp.zeros((), x.dtype) if shift is None else lax.stop_gradient(jnp.asarray(shift))
-  centred = x - shift
-  offset, mean_sq = reduce(centred, lax.square(centred))
-  mean = offset + (jnp.squeeze(shift, reduction_axes) if shift.ndim else shift)
-  var = mean_sq - lax.square(offset)
-
-  def second_pass(centred, offset, var):
-    (exact,) = reduce(lax.square(centred - jnp.expand_dims(offset, reduction_axes)))
-    return exact - var
-
-  # The correction carries no derivative, so the cond is not differentiated.
-  # It reads `centred`, which the moments needed anyway (reading x would
-  # keep a second full-size array alive).
-  imprecise = jnp.any(lax.square(offset) > 4.0 * var)
-  zeros = lambda centred, offset, var: jnp.zeros_like(var)
-  var = var + lax.cond(imprecise, second_pass, zeros, *lax.stop_gradient((centred, offset, var)))
-  return mean, jnp.maximum(var, 0.0)
 
 
 def _num_groups(x, feature_axes, virtual_batch_size) -> int:
@@ -317,8 +206,10 @@ def _normalize_jvp(how, primals, tangents):
   keep = lambda v: jnp.expand_dims(v, how.axes)
   x_hat = (x - keep(batch_mean)) * keep(rstd)
   # A mask's count is no tangent: it is summed apart from them.
-  count = None if mask is None else _count(x, how.axes, mask, how.axis_name, how.axis_index_groups)
-  mean_dot, x_hat_x_dot = _mean(
+  count = None
+  if mask is not None:
+    count = value_count(x, how.axes, mask, how.axis_name, how.axis_index_groups)
+  mean_dot, x_hat_x_dot = masked_means(
     (x_dot, x_hat * x_dot), how.axes, mask, how.axis_name, how.axis_index_groups, count
   )
   a = rstd if r is None else rstd * r
@@ -498,7 +389,7 @@ def batch_norm(
     renorm_clip,
   )
   if unbiased_running_var:
-    n = _count(xg, group_axes, group_mask, axis_name, axis_index_groups)
+    n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)
     batch_var = batch_var * n / jnp.maximum(n - 1, 1)
   if lead:  # Ghost batch norm: the running averages take the mean over the groups.
     batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)

@@ -1,0 +1,122 @@
+"""Each piece that `jaxbn.batch_norm` composes, against float64 NumPy on its own.
+
+The references below are written from the equations, independent of jaxbn:
+a mistake in one piece fails here by name, not only somewhere in
+`batch_norm`'s output. Shapes are small: these tests are about the formulas.
+"""
+
+import doctest
+import io
+
+import chex
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from jaxbn import statistics
+
+# ---------------------------------------------------------------------------
+# Float64 NumPy references.
+
+
+def _np_moments(x, axes, mask=None):
+  """Float64 (mean, biased var, n) per feature over ``axes``, of the True entries of ``mask``."""
+  x = np.asarray(x, np.float64)
+  w = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x.shape)
+  n = w.sum(axes, keepdims=True)
+  mean = (w * x).sum(axes, keepdims=True) / n
+  var = (w * (x - mean) ** 2).sum(axes, keepdims=True) / n
+  return mean.squeeze(axes), var.squeeze(axes), n.squeeze(axes)
+
+
+def _data(shape, loc=3.0, seed=0):
+  """Float32 data whose features have distinct means (around ``loc``) and spreads."""
+  rng = np.random.default_rng(seed)
+  offsets = loc + rng.uniform(-1.0, 1.0, shape[-1:])
+  spreads = rng.uniform(0.5, 2.0, shape[-1:])
+  return (offsets + spreads * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _mask(shape, seed=1):
+  """A boolean mask that drops about 40% of the entries, keeping at least 2 per feature."""
+  mask = np.random.default_rng(seed).random(shape) < 0.6
+  mask[:2] = True
+  assert not mask.all()
+  return mask
+
+
+# ---------------------------------------------------------------------------
+# statistics.py
+
+
+class BatchStatisticsTest(chex.TestCase):
+  """`batch_statistics`: the shifted one-pass and the two-pass formulas, masked or not."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    dict(testcase_name='two_pass', use_fast_variance=False, shift=None),
+    dict(testcase_name='one_pass_unshifted', use_fast_variance=True, shift=None),
+    dict(testcase_name='one_pass_near_shift', use_fast_variance=True, shift=3.0),
+    # Many standard deviations from the mean: the second pass takes over.
+    dict(testcase_name='one_pass_far_shift', use_fast_variance=True, shift=-40.0),
+    dict(testcase_name='two_pass_masked', use_fast_variance=False, shift=None, masked=True),
+    dict(testcase_name='one_pass_masked', use_fast_variance=True, shift=3.0, masked=True),
+  )
+  def test_matches_float64(self, use_fast_variance, shift, masked=False):
+    x = _data((6, 3, 4))
+    axes = (0, 1)
+    mask = _mask((6, 3, 1)) if masked else None
+    if shift is not None:
+      shift = np.full((1, 1, 4), shift, np.float32)
+    stats = self.variant(
+      lambda x, shift, mask: statistics.batch_statistics(
+        x, axes, use_fast_variance=use_fast_variance, shift=shift, mask=mask
+      )
+    )
+    mean, var, _ = _np_moments(x, axes, mask)
+    chex.assert_trees_all_close(stats(x, shift, mask), (mean, var), atol=1e-5, rtol=1e-5)
+
+  def test_shifted_one_pass_equals_two_pass(self):
+    # A large mean: unshifted one-pass moments would lose most digits of var.
+    x = _data((16, 4), loc=1000.0)
+    one_pass = statistics.batch_statistics(x, (0,), shift=x.mean(0, keepdims=True))
+    two_pass = statistics.batch_statistics(x, (0,), use_fast_variance=False)
+    chex.assert_trees_all_close(one_pass, two_pass, atol=0.0, rtol=1e-5)
+
+  def test_masked_means_and_count(self):
+    x, mask = _data((6, 3, 4)), _mask((6, 3, 1))
+    means = statistics.masked_means((x, x**2), (0, 1), mask)
+    n = statistics.value_count(x, (0, 1), mask)
+    w = np.broadcast_to(mask, x.shape)
+    expected_n = w.sum((0, 1))
+    expected = [np.where(w, v, 0.0).sum((0, 1)) / expected_n for v in (x, x**2)]
+    chex.assert_trees_all_close(means, tuple(expected), rtol=1e-5)
+    chex.assert_trees_all_equal(n, expected_n.astype(np.float32))
+    chex.assert_trees_all_equal(statistics.value_count(x, (0, 1)), np.float32(18))
+
+  def test_canonicalize_axes(self):
+    self.assertEqual(statistics.canonicalize_axes(4, -1), (3,))
+    self.assertEqual(statistics.canonicalize_axes(4, (3, -3)), (1, 3))
+    with self.assertRaisesRegex(ValueError, 'same axis twice'):
+      statistics.canonicalize_axes(4, (1, -3))
+    with self.assertRaisesRegex(ValueError, 'out of range'):
+      statistics.canonicalize_axes(2, 2)
+
+
+# ---------------------------------------------------------------------------
+# Docstring examples.
+
+
+class DocTest(absltest.TestCase):
+  def test_docstring_examples_pass(self):
+    finder, out = doctest.DocTestFinder(), io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for module in (statistics,):
+      for test in finder.find(module):
+        runner.run(test, out=out.write)
+    results = runner.summarize(verbose=False)
+    self.assertGreater(results.attempted, 0)
+    self.assertEqual(results.failed, 0, out.getvalue())
+
+
+if __name__ == '__main__':
+  absltest.main()
