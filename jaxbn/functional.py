@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn.running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.statistics import (
   Axes,
   batch_statistics,
@@ -390,15 +391,12 @@ def batch_norm(
   )
   if unbiased_running_var:
     n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)
-    batch_var = batch_var * n / jnp.maximum(n - 1, 1)
+    batch_var = unbiased_variance(batch_var, n)
   if lead:  # Ghost batch norm: the running averages take the mean over the groups.
     batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
   if momentum is None:
-    weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
-    new_mean = mean + weight * (batch_mean - mean)
-    new_var = var + weight * (batch_var - var)
+    new_mean, new_var = cumulative_update((mean, var), (batch_mean, batch_var), count)
   else:
-    new_mean = momentum * mean + (1.0 - momentum) * batch_mean
-    new_var = momentum * var + (1.0 - momentum) * batch_var
+    new_mean, new_var = ema_update((mean, var), (batch_mean, batch_var), momentum)
   y = y.reshape(x.shape)
   return BatchNormOutput(y.astype(dtype), new_mean, new_var)

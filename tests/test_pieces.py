@@ -12,7 +12,7 @@ import chex
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxbn import statistics
+from jaxbn import running, statistics
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy references.
@@ -103,6 +103,68 @@ class BatchStatisticsTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# running.py
+
+
+class RunningAverageTest(chex.TestCase):
+  """`ema_update`, `cumulative_update` and `unbiased_variance`, leaf by leaf."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.0, 0.3, 0.9, 1.0)
+  def test_ema_update(self, momentum):
+    rng = np.random.default_rng(0)
+    old = (rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32))
+    batch = (rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32))
+    new = self.variant(running.ema_update)(old, batch, momentum)
+    # Momentum is the decay: the share of the old value that is kept.
+    expected = tuple(
+      momentum * np.float64(o) + (1 - momentum) * np.float64(b)
+      for o, b in zip(old, batch, strict=True)
+    )
+    chex.assert_trees_all_close(new, expected, atol=1e-6, rtol=1e-6)
+
+  def test_ema_update_moves_towards_the_batch_by_one_minus_momentum(self):
+    new = running.ema_update(np.float32(0.0), np.float32(1.0), 0.9)
+    chex.assert_trees_all_close(new, np.float32(0.1), rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_cumulative_update_is_the_mean_of_the_batches(self):
+    x = _data((5, 8, 3))  # 5 batches of 8 examples, 3 features
+    batches = [statistics.batch_statistics(x[k], (0,), use_fast_variance=False) for k in range(5)]
+    update = self.variant(running.cumulative_update)
+    # Whatever the running statistics start at, the first batch replaces them.
+    average = (np.full(3, 7.0, np.float32), np.full(3, -2.0, np.float32))
+    for count, stats in enumerate(batches):
+      average = update(average, stats, count)
+    expected = [np.mean([np.float64(b[i]) for b in batches], axis=0) for i in (0, 1)]
+    chex.assert_trees_all_close(average, tuple(expected), atol=1e-6, rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    dict(testcase_name='unmasked', masked=False),
+    dict(testcase_name='masked', masked=True),
+  )
+  def test_unbiased_variance(self, masked):
+    x = _data((6, 3, 4))
+    mask = _mask((6, 3, 1)) if masked else None
+
+    @self.variant
+    def unbiased(x, mask):
+      _, var = statistics.batch_statistics(x, (0, 1), mask=mask)
+      return running.unbiased_variance(var, statistics.value_count(x, (0, 1), mask))
+
+    w = np.broadcast_to(np.ones((6, 3, 1), bool) if mask is None else mask, x.shape)
+    # Bessel's correction, feature by feature over the selected entries.
+    expected = [np.var(np.float64(x[..., f][w[..., f]]), ddof=1) for f in range(4)]
+    chex.assert_trees_all_close(unbiased(x, mask), np.array(expected), rtol=1e-5)
+
+  def test_unbiased_variance_of_single_values_is_not_divided_by_zero(self):
+    chex.assert_trees_all_equal(
+      running.unbiased_variance(np.zeros(2, np.float32), 1.0), np.zeros(2)
+    )
+
+
+# ---------------------------------------------------------------------------
 # Docstring examples.
 
 
@@ -110,7 +172,7 @@ class DocTest(absltest.TestCase):
   def test_docstring_examples_pass(self):
     finder, out = doctest.DocTestFinder(), io.StringIO()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for module in (statistics,):
+    for module in (running, statistics):
       for test in finder.find(module):
         runner.run(test, out=out.write)
     results = runner.summarize(verbose=False)
