@@ -1,7 +1,9 @@
 """jaxbn: batch normalization in JAX, from scratch, as in Dive into Deep Learning."""
 
-from jaxbn.functional import BatchNormOutput, batch_norm, batch_statistics, renorm_schedule
+from jaxbn.functional import BatchNormOutput, batch_norm
 from jaxbn.linen import BatchNorm
+from jaxbn.renorm import renorm_schedule
+from jaxbn.statistics import batch_statistics
 
 __all__ = ['BatchNorm', 'BatchNormOutput', 'batch_norm', 'batch_statistics', 'renorm_schedule']
 __version__ = '0.1.0'

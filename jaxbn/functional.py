@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn.renorm import renorm_correction, renorm_schedule
 from jaxbn.running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.statistics import (
   Axes,
@@ -46,6 +47,17 @@ from jaxbn.statistics import (
   masked_means,
   value_count,
 )
+
+# With the pieces that `from jaxbn.functional import ...` has always offered; they are
+# defined in jaxbn.statistics (Axes, batch_statistics, canonicalize_axes) and jaxbn.renorm.
+__all__ = [
+  'Axes',
+  'BatchNormOutput',
+  'batch_norm',
+  'batch_statistics',
+  'canonicalize_axes',
+  'renorm_schedule',
+]
 
 
 class BatchNormOutput(NamedTuple):
@@ -96,32 +108,6 @@ def _num_groups(x, feature_axes, virtual_batch_size) -> int:
       f'{x.shape[0]} examples: use a divisor of the batch size.'
     )
   return x.shape[0] // virtual_batch_size
-
-
-def _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip):
-  """Batch renormalization's r and d (Ioffe, 2017), with gradients stopped.
-
-  ``r = clip(sigma_B / sigma, 1 / rmax, rmax)`` and ``d = clip((mu_B - mu) /
-  sigma, -dmax, dmax)``, where ``mu, sigma`` come from the running averages.
-  """
-  rmax, dmax = renorm_clip
-  running_std = jnp.sqrt(var + epsilon)
-  r = jnp.clip(jnp.sqrt(batch_var + epsilon) / running_std, 1.0 / rmax, rmax)
-  d = jnp.clip((batch_mean - mean) / running_std, -dmax, dmax)
-  return lax.stop_gradient(r), lax.stop_gradient(d)
-
-
-def renorm_schedule(
-  step: ArrayLike, rmax: float, dmax: float, warmup_steps: int
-) -> tuple[jax.Array, jax.Array]:
-  """Batch renormalization's clipping bounds, widened linearly during warm-up.
-
-  ``(1, 0)`` (plain batch norm) at step 0, growing linearly to
-  ``(rmax, dmax)`` at ``warmup_steps`` and constant after (Ioffe, 2017,
-  relaxes them gradually in the same way).
-  """
-  progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
-  return 1.0 + (rmax - 1.0) * progress, dmax * progress
 
 
 class _Normalization(NamedTuple):
@@ -176,7 +162,7 @@ def _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip
   rstd = lax.rsqrt(batch_var + epsilon)
   r = d = None
   if renorm_clip is not None:
-    r, d = _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
+    r, d = renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
   y = _affine(x, batch_mean, rstd, how.axes, scale, bias, r, d)
   return (y, batch_mean, batch_var), (rstd, r, d)
 

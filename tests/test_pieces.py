@@ -9,10 +9,11 @@ import doctest
 import io
 
 import chex
+import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxbn import running, statistics
+from jaxbn import renorm, running, statistics
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy references.
@@ -165,6 +166,53 @@ class RunningAverageTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# renorm.py
+
+
+class RenormTest(chex.TestCase):
+  """`renorm_correction` is the paper's r and d, clipped; `renorm_schedule` widens the clip."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    dict(testcase_name='clipped', rmax=1.5, dmax=0.5),
+    dict(testcase_name='traced_clip', rmax=np.float32(2.0), dmax=np.float32(1.0)),
+    dict(testcase_name='plain_batch_norm', rmax=1.0, dmax=0.0),
+  )
+  def test_matches_the_paper(self, rmax, dmax):
+    # Batch spreads from 1/3 to 3 times the running ones, and means from
+    # -2 to 2 running deviations away: inside and outside the bounds both ways.
+    running_mean = np.array([0.0, 1.0, -1.0, 2.0, 0.5], np.float32)
+    running_var = np.array([1.0, 4.0, 0.25, 1.0, 9.0], np.float32)
+    running_std = np.sqrt(np.float64(running_var) + 0.5)
+    batch_std = running_std * np.array([3.0, 1.0 / 3.0, 1.2, 0.9, 1.0])
+    batch_mean = running_mean + running_std * np.array([2.0, -2.0, 0.3, -0.2, 0.0])
+    batch_var = (batch_std**2 - 0.5).astype(np.float32)
+    batch_mean = batch_mean.astype(np.float32)
+    correction = self.variant(renorm.renorm_correction)
+    r, d = correction(batch_mean, batch_var, running_mean, running_var, 0.5, (rmax, dmax))
+    # Ioffe (2017), algorithm 1, with sigma = sqrt(var + epsilon).
+    sigma_b = np.sqrt(np.float64(batch_var) + 0.5)
+    expected_r = np.clip(sigma_b / running_std, 1 / np.float64(rmax), rmax)
+    expected_d = np.clip((np.float64(batch_mean) - running_mean) / running_std, -dmax, dmax)
+    chex.assert_trees_all_close((r, d), (expected_r, expected_d), atol=1e-6, rtol=1e-5)
+    if rmax > 1:  # the bounds are reached in both directions, and not everywhere
+      np.testing.assert_allclose(np.asarray(r)[:2], [rmax, 1 / rmax], rtol=1e-6)
+      np.testing.assert_allclose(np.asarray(d)[:2], [dmax, -dmax], rtol=1e-6)
+      self.assertTrue(np.all(np.abs(np.asarray(d)[2:]) < dmax))
+
+  def test_no_gradient_flows_through_r_and_d(self):
+    ones = np.ones(3, np.float32)
+    total = lambda *stats: sum(x.sum() for x in renorm.renorm_correction(*stats, 1e-3, (3.0, 5.0)))
+    grads = jax.grad(total, argnums=(0, 1, 2, 3))(0.5 * ones, 2 * ones, ones, ones)
+    chex.assert_trees_all_equal(grads, (0 * ones,) * 4)
+
+  def test_schedule_widens_linearly(self):
+    bounds = [renorm.renorm_schedule(step, 3.0, 5.0, 10) for step in (0, 5, 10, 20)]
+    expected = [(1.0, 0.0), (2.0, 2.5), (3.0, 5.0), (3.0, 5.0)]
+    chex.assert_trees_all_close(bounds, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # Docstring examples.
 
 
@@ -172,7 +220,7 @@ class DocTest(absltest.TestCase):
   def test_docstring_examples_pass(self):
     finder, out = doctest.DocTestFinder(), io.StringIO()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for module in (running, statistics):
+    for module in (renorm, running, statistics):
       for test in finder.find(module):
         runner.run(test, out=out.write)
     results = runner.summarize(verbose=False)
