@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jaxbn.ghost import mean_over_groups, num_groups, split_batch, with_group_axis
 from jaxbn.renorm import renorm_correction, renorm_schedule
 from jaxbn.running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.statistics import (
@@ -96,18 +97,15 @@ def _check_inputs(x, feature_axes, named_stats, momentum, count):
     )
 
 
-def _num_groups(x, feature_axes, virtual_batch_size) -> int:
-  if 0 in feature_axes:
+def _check_values_per_feature(shape, feature_axes, xg, group_axes, groups, axis_name):
+  if math.prod(xg.shape[a] for a in group_axes) == 1 and axis_name is None:
     raise ValueError(
-      'virtual_batch_size splits axis 0, the batch, into groups, but axis 0 is a '
-      f'feature axis here (feature axes {feature_axes}).'
+      f'Training-mode batch norm of an input of shape {shape} with '
+      f'feature axes {feature_axes} averages a single value per feature'
+      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
+      'bias alone and nothing would be learned. Use a batch of at least 2 '
+      'examples, or use_running_average=True.'
     )
-  if virtual_batch_size < 1 or x.shape[0] % virtual_batch_size:
-    raise ValueError(
-      f'virtual_batch_size={virtual_batch_size} does not divide the batch of '
-      f'{x.shape[0]} examples: use a divisor of the batch size.'
-    )
-  return x.shape[0] // virtual_batch_size
 
 
 class _Normalization(NamedTuple):
@@ -321,34 +319,20 @@ def batch_norm(
   mean = jnp.asarray(mean)
   var = jnp.asarray(var)
 
-  # Statistics per group of examples: `virtual_batch_size` consecutive
-  # examples each (ghost batch norm), or the whole batch as one group. The
-  # input gets a leading group axis and the reduced axes move one to the right.
-  groups = 1
-  if virtual_batch_size is not None and not use_running_average:
-    groups = _num_groups(x, feature_axes, virtual_batch_size)
-  # Without groups the input keeps its rank: XLA:CPU runs the first layer's
-  # fusions 2-4x slower with an extra leading axis.
-  lead = 1 if groups > 1 else 0
-  xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]) if lead else x
-  group_axes = tuple(a + lead for a in reduction_axes)
-
   if use_running_average:
-    y = _affine(xg, mean, lax.rsqrt(var + epsilon), group_axes, scale, bias)
-    return BatchNormOutput(y.reshape(x.shape).astype(dtype), mean, var)
+    y = _affine(x, mean, lax.rsqrt(var + epsilon), reduction_axes, scale, bias)
+    return BatchNormOutput(y.astype(dtype), mean, var)
 
-  values_per_feature = math.prod(xg.shape[a] for a in group_axes)
-  if values_per_feature == 1 and axis_name is None:
-    raise ValueError(
-      f'Training-mode batch norm of an input of shape {x.shape} with '
-      f'feature axes {feature_axes} averages a single value per feature'
-      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
-      'bias alone and nothing would be learned. Use a batch of at least 2 '
-      'examples, or use_running_average=True.'
-    )
+  # Ghost batch norm: statistics per group of examples, with a leading group
+  # axis (none without virtual batches).
+  groups = num_groups(x.shape[0], feature_axes, virtual_batch_size)
+  xg, group_axes = split_batch(x, reduction_axes, groups)
+  _check_values_per_feature(x.shape, feature_axes, xg, group_axes, groups, axis_name)
   group_mask = None
   if mask is not None:
-    group_mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(xg.shape)
+    group_mask, _ = split_batch(
+      jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
+    )
   how = _Normalization(
     axes=group_axes,
     use_fast_variance=use_fast_variance,
@@ -357,9 +341,7 @@ def batch_norm(
     if axis_index_groups is None
     else tuple(tuple(group) for group in axis_index_groups),
   )
-  # Per-feature values get the leading group axis of the statistics: no
-  # implicit rank promotion (which jax_numpy_rank_promotion='raise' rejects).
-  expand = lambda v: None if v is None else (jnp.asarray(v)[None] if lead else jnp.asarray(v))
+  expand = lambda v: with_group_axis(v, groups)
   # With a named axis the same formula is differentiated by autodiff: jax
   # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
   # differentiated after jit ("unbound axis name").
@@ -378,11 +360,9 @@ def batch_norm(
   if unbiased_running_var:
     n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)
     batch_var = unbiased_variance(batch_var, n)
-  if lead:  # Ghost batch norm: the running averages take the mean over the groups.
-    batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
+  batch_mean, batch_var = mean_over_groups((batch_mean, batch_var), groups)
   if momentum is None:
     new_mean, new_var = cumulative_update((mean, var), (batch_mean, batch_var), count)
   else:
     new_mean, new_var = ema_update((mean, var), (batch_mean, batch_var), momentum)
-  y = y.reshape(x.shape)
-  return BatchNormOutput(y.astype(dtype), new_mean, new_var)
+  return BatchNormOutput(y.reshape(x.shape).astype(dtype), new_mean, new_var)

@@ -10,10 +10,11 @@ import io
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxbn import renorm, running, statistics
+from jaxbn import ghost, renorm, running, statistics
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy references.
@@ -166,6 +167,66 @@ class RunningAverageTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# ghost.py
+
+
+class GhostBatchTest(chex.TestCase):
+  """Virtual batches: consecutive examples per group, statistics per group and their mean."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    dict(testcase_name='dense', shape=(12, 3), virtual_batch_size=3),
+    dict(testcase_name='nhwc', shape=(8, 3, 2, 4), virtual_batch_size=2),
+    dict(testcase_name='masked', shape=(8, 3, 4), virtual_batch_size=4, masked=True),
+  )
+  def test_statistics_per_group_and_their_mean(self, shape, virtual_batch_size, masked=False):
+    x = _data(shape)
+    axes = tuple(range(len(shape) - 1))
+    mask = _mask((*shape[:-1], 1)) if masked else None
+    groups = ghost.num_groups(shape[0], (len(shape) - 1,), virtual_batch_size)
+    self.assertEqual(groups, shape[0] // virtual_batch_size)
+
+    @self.variant
+    def group_statistics(x, mask):
+      xg, group_axes = ghost.split_batch(x, axes, groups)
+      if mask is not None:
+        mask, _ = ghost.split_batch(jnp.broadcast_to(mask, x.shape), axes, groups)
+      stats = statistics.batch_statistics(xg, group_axes, mask=mask)
+      return stats, ghost.mean_over_groups(stats, groups)
+
+    per_group, averaged = group_statistics(x, mask)
+    # Group g is examples g * vbs to (g + 1) * vbs - 1, reduced like the whole batch.
+    runs = [slice(g * virtual_batch_size, (g + 1) * virtual_batch_size) for g in range(groups)]
+    expected = [_np_moments(x[run], axes, None if mask is None else mask[run])[:2] for run in runs]
+    expected_mean, expected_var = (np.stack([e[i] for e in expected]) for i in (0, 1))
+    chex.assert_trees_all_close(per_group, (expected_mean, expected_var), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+      averaged, (expected_mean.mean(0), expected_var.mean(0)), atol=1e-5, rtol=1e-5
+    )
+
+  def test_one_group_leaves_the_batch_alone(self):
+    x = _data((6, 4))
+    xg, axes = ghost.split_batch(jnp.asarray(x), (0,), 1)
+    # No leading group axis: the input keeps its rank.
+    chex.assert_shape(xg, (6, 4))
+    self.assertEqual(axes, (0,))
+    stats = (x[0], x[1])
+    self.assertIs(ghost.mean_over_groups(stats, 1), stats)
+    chex.assert_shape(ghost.with_group_axis(x[0], 1), (4,))
+    self.assertEqual(ghost.num_groups(6, (1,), None), 1)
+
+  def test_per_feature_values_get_a_group_axis(self):
+    chex.assert_shape(ghost.with_group_axis(np.ones((3, 4)), 2), (1, 3, 4))
+    self.assertIsNone(ghost.with_group_axis(None, 2))
+
+  def test_num_groups_rejects_bad_sizes(self):
+    with self.assertRaisesRegex(ValueError, 'does not divide'):
+      ghost.num_groups(8, (1,), 3)
+    with self.assertRaisesRegex(ValueError, 'feature axis'):
+      ghost.num_groups(8, (0,), 2)
+
+
+# ---------------------------------------------------------------------------
 # renorm.py
 
 
@@ -220,7 +281,7 @@ class DocTest(absltest.TestCase):
   def test_docstring_examples_pass(self):
     finder, out = doctest.DocTestFinder(), io.StringIO()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for module in (renorm, running, statistics):
+    for module in (ghost, renorm, running, statistics):
       for test in finder.find(module):
         runner.run(test, out=out.write)
     results = runner.summarize(verbose=False)
