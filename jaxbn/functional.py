@@ -25,11 +25,15 @@ Conventions (shared by `jaxbn.BatchNorm`):
 * **Derivatives** in training mode are batch norm's closed form, through the
   batch statistics and in forward and reverse mode to any order; none flows
   to the running statistics except through the momentum update.
+
+`batch_norm` composes pieces that can be used and tested on their own:
+`jaxbn.statistics` (masked, cross-device batch statistics), `jaxbn.ghost`
+(virtual batches), `jaxbn.normalize` (the normalization and its derivative),
+`jaxbn.renorm` (batch renormalization) and `jaxbn.running` (running averages).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -39,15 +43,10 @@ from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxbn.ghost import mean_over_groups, num_groups, split_batch, with_group_axis
-from jaxbn.renorm import renorm_correction, renorm_schedule
+from jaxbn.normalize import affine, normalize
+from jaxbn.renorm import renorm_schedule
 from jaxbn.running import cumulative_update, ema_update, unbiased_variance
-from jaxbn.statistics import (
-  Axes,
-  batch_statistics,
-  canonicalize_axes,
-  masked_means,
-  value_count,
-)
+from jaxbn.statistics import Axes, batch_statistics, canonicalize_axes, value_count
 
 # With the pieces that `from jaxbn.functional import ...` has always offered; they are
 # defined in jaxbn.statistics (Axes, batch_statistics, canonicalize_axes) and jaxbn.renorm.
@@ -106,109 +105,6 @@ def _check_values_per_feature(shape, feature_axes, xg, group_axes, groups, axis_
       'bias alone and nothing would be learned. Use a batch of at least 2 '
       'examples, or use_running_average=True.'
     )
-
-
-class _Normalization(NamedTuple):
-  """The static (hashable) settings of `_normalize`."""
-
-  axes: tuple[int, ...]
-  use_fast_variance: bool
-  axis_name: Any
-  axis_index_groups: tuple[tuple[int, ...], ...] | None
-
-
-def _affine(x, mean, rstd, axes, scale, bias, r=None, d=None):
-  """``(x - mean) * (rstd * r * scale) + (d * scale + bias)``, per-feature values
-  (shape of the axes kept) broadcast along ``axes``; None terms are left out."""
-  multiplier, offset = rstd, d
-  if r is not None:
-    multiplier = multiplier * r
-  if scale is not None:
-    multiplier = multiplier * scale
-    offset = None if offset is None else offset * scale
-  if bias is not None:
-    offset = bias if offset is None else offset + bias
-  keep = lambda v: jnp.expand_dims(v, axes)
-  y = (x - keep(mean)) * keep(multiplier)
-  return y if offset is None else y + keep(offset)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _normalize(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
-  """Training-mode batch norm: ``(y, batch_mean, batch_var)``.
-
-  ``x`` is reduced over ``how.axes``; ``scale`` and ``bias`` (or None) have
-  the shape of the statistics, or 1 along a group axis; ``mean, var`` are the
-  running statistics (the shift of the moments, and the reference of batch
-  renormalization). The derivative is batch norm's closed form
-  (`_normalize_jvp`); none flows to ``mean``, ``var``, ``mask`` or
-  ``renorm_clip``.
-  """
-  return _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip)[0]
-
-
-def _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
-  batch_mean, batch_var = batch_statistics(
-    x,
-    how.axes,
-    use_fast_variance=how.use_fast_variance,
-    mask=mask,
-    axis_name=how.axis_name,
-    axis_index_groups=how.axis_index_groups,
-    shift=jnp.expand_dims(mean, how.axes),
-  )
-  rstd = lax.rsqrt(batch_var + epsilon)
-  r = d = None
-  if renorm_clip is not None:
-    r, d = renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
-  y = _affine(x, batch_mean, rstd, how.axes, scale, bias, r, d)
-  return (y, batch_mean, batch_var), (rstd, r, d)
-
-
-@_normalize.defjvp
-def _normalize_jvp(how, primals, tangents):
-  r"""The tangent of ``y = x_hat * a + b``, ``x_hat = (x - mu) * rstd`` and
-  ``a = rstd * r * scale`` (`_affine`), grouped by what it broadcasts:
-
-  .. math::
-    \dot y = a \dot x
-      + \hat x \big(r\, \dot{\mathrm{scale}}
-        - a (\overline{\hat x \dot x} + \tfrac12 \mathrm{rstd}\, \dot\epsilon)\big)
-      + \big(d\, \dot{\mathrm{scale}} + \dot{\mathrm{bias}} - a \bar{\dot x}\big),
-
-  bars being the (masked, cross-device) means of the statistics:
-  :math:`\dot\mu = \bar{\dot x}` and :math:`\dot{\sigma^2} =
-  2 \overline{\hat x \dot x} / \mathrm{rstd}`. So written, its transpose
-  (reverse mode) takes two reductions, :math:`\sum g` and :math:`\sum g \hat x`,
-  shared with the gradients of ``bias`` and ``scale``, and one elementwise
-  pass; autodiff of the forward formula reduces three times and writes one
-  more full-size array (on XLA:CPU, benchmarks/throughput.py measured jaxbn's
-  LeNet at 0.98-0.99x Flax BN's speed before, 1.03-1.04x after).
-  """
-  x, scale, bias, _, _, _, mask, _ = primals
-  x_dot, scale_dot, bias_dot, _, _, epsilon_dot, *_ = tangents
-  (y, batch_mean, batch_var), (rstd, r, d) = _normalize_primal(how, *primals)
-  keep = lambda v: jnp.expand_dims(v, how.axes)
-  x_hat = (x - keep(batch_mean)) * keep(rstd)
-  # A mask's count is no tangent: it is summed apart from them.
-  count = None
-  if mask is not None:
-    count = value_count(x, how.axes, mask, how.axis_name, how.axis_index_groups)
-  mean_dot, x_hat_x_dot = masked_means(
-    (x_dot, x_hat * x_dot), how.axes, mask, how.axis_name, how.axis_index_groups, count
-  )
-  a = rstd if r is None else rstd * r
-  slope = -a * (x_hat_x_dot + 0.5 * rstd * epsilon_dot)
-  if scale is not None:
-    slope = slope * scale + (scale_dot if r is None else r * scale_dot)
-    a = a * scale
-  offset = -a * mean_dot
-  if scale is not None and d is not None:
-    offset = offset + d * scale_dot
-  if bias is not None:
-    offset = offset + bias_dot
-  y_dot = keep(a) * x_dot + x_hat * keep(slope) + keep(offset)
-  return (y, batch_mean, batch_var), (y_dot, mean_dot, 2.0 * x_hat_x_dot / rstd)
 
 
 def batch_norm(
@@ -320,7 +216,7 @@ def batch_norm(
   var = jnp.asarray(var)
 
   if use_running_average:
-    y = _affine(x, mean, lax.rsqrt(var + epsilon), reduction_axes, scale, bias)
+    y = affine(x, mean, lax.rsqrt(var + epsilon), reduction_axes, scale, bias)
     return BatchNormOutput(y.astype(dtype), mean, var)
 
   # Ghost batch norm: statistics per group of examples, with a leading group
@@ -333,29 +229,20 @@ def batch_norm(
     group_mask, _ = split_batch(
       jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
     )
-  how = _Normalization(
-    axes=group_axes,
-    use_fast_variance=use_fast_variance,
-    axis_name=axis_name,
-    axis_index_groups=None
-    if axis_index_groups is None
-    else tuple(tuple(group) for group in axis_index_groups),
-  )
   expand = lambda v: with_group_axis(v, groups)
-  # With a named axis the same formula is differentiated by autodiff: jax
-  # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
-  # differentiated after jit ("unbound axis name").
-  normalize = _normalize if axis_name is None else lambda *args: _normalize_primal(*args)[0]
   y, batch_mean, batch_var = normalize(
-    how,
     xg.astype(stats_dtype),
     expand(scale),
     expand(bias),
     expand(mean),
     expand(var),
     epsilon,
-    group_mask,
-    renorm_clip,
+    axes=group_axes,
+    mask=group_mask,
+    renorm_clip=renorm_clip,
+    use_fast_variance=use_fast_variance,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
   )
   if unbiased_running_var:
     n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from jax import lax
 
-from jaxbn import ghost, renorm, running, statistics
+from jaxbn import ghost, normalize, renorm, running, statistics
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy references.
@@ -227,6 +228,74 @@ class GhostBatchTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# normalize.py
+
+
+def _jnp_normalize(x, scale, bias, mean, var, epsilon, *, axes, mask=None, renorm_clip=None):
+  """Batch norm written out in jnp, for autodiff: ``(y, batch mean, biased batch var)``."""
+  keep = lambda v: jnp.expand_dims(v, axes)
+  w = jnp.ones_like(x) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+  n = w.sum(axes)
+  mu = (w * x).sum(axes) / n
+  sigma2 = (w * (x - keep(mu)) ** 2).sum(axes) / n
+  x_hat = (x - keep(mu)) / jnp.sqrt(keep(sigma2) + epsilon)
+  if renorm_clip is not None:
+    rmax, dmax = renorm_clip
+    std = jnp.sqrt(var + epsilon)
+    r = lax.stop_gradient(jnp.clip(jnp.sqrt(sigma2 + epsilon) / std, 1 / rmax, rmax))
+    d = lax.stop_gradient(jnp.clip((mu - mean) / std, -dmax, dmax))
+    x_hat = x_hat * keep(r) + keep(d)
+  return x_hat * keep(scale) + keep(bias), mu, sigma2
+
+
+class NormalizeTest(chex.TestCase):
+  """`normalize`'s values and closed-form derivatives equal autodiff of the formula."""
+
+  # Under jit only: eagerly, each case compiles every primitive of both derivatives.
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(
+    dict(testcase_name='nhwc', shape=(4, 3, 2, 3), axes=(0, 1, 2), stat_shape=(3,)),
+    dict(testcase_name='masked', shape=(6, 2, 3), axes=(0, 1), stat_shape=(3,), masked=True),
+    dict(testcase_name='renorm', shape=(6, 3), axes=(0,), stat_shape=(3,), renorm_clip=(1.2, 0.1)),
+    # A leading axis of 2 virtual batches: statistics (2, 3), per-feature values (1, 3).
+    dict(testcase_name='groups', shape=(2, 3, 2, 3), axes=(1, 2), stat_shape=(1, 3)),
+  )
+  def test_values_and_derivatives(self, shape, axes, stat_shape, masked=False, renorm_clip=None):
+    rng = np.random.default_rng(0)
+    x = 2.0 + 3.0 * rng.standard_normal(shape)
+    scale, bias, mean = (rng.standard_normal(stat_shape) for _ in range(3))
+    var = rng.uniform(0.5, 2.0, stat_shape)
+    mask = _mask(shape[:2] + (1,) * (len(shape) - 2)) if masked else None
+    with jax.enable_x64(True):
+      args = (x, scale, bias, mean, var, 0.1)
+      kwargs = dict(axes=axes, mask=mask, renorm_clip=renorm_clip)
+      fn = self.variant(lambda *args: normalize.normalize(*args, **kwargs))
+      formula = lambda *args: _jnp_normalize(*args, **kwargs)
+      # Forward mode, with tangents for every argument (none may flow from mean or var).
+      tangents = tuple(rng.standard_normal(np.shape(a)) for a in args)
+      forward = lambda f: jax.jit(lambda args, tangents: jax.jvp(f, args, tangents))
+      chex.assert_trees_all_close(
+        forward(fn)(args, tangents), forward(formula)(args, tangents), atol=1e-10, rtol=1e-10
+      )
+      # Reverse mode, with cotangents for y and both statistics.
+      cotangents = tuple(rng.standard_normal(np.shape(o)) for o in formula(*args))
+      reverse = lambda f: jax.jit(lambda args, cts: jax.vjp(f, *args)[1](cts))
+      chex.assert_trees_all_close(
+        reverse(fn)(args, cotangents), reverse(formula)(args, cotangents), atol=1e-10, rtol=1e-10
+      )
+
+  def test_affine(self):
+    x, mean, rstd = _data((5, 3)), np.array([1.0, 2, 3]), np.array([0.5, 1, 2])
+    scale, bias, r, d = np.array([2.0, 3, 4]), np.array([-1.0, 0, 1]), 1.5, -0.25
+    y = normalize.affine(x, mean, rstd, (0,), scale, bias, r, d)
+    expected = ((np.float64(x) - mean) * rstd * r + d) * scale + bias
+    chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+      normalize.affine(x, mean, rstd, (0,), None, None), (np.float64(x) - mean) * rstd, rtol=1e-6
+    )
+
+
+# ---------------------------------------------------------------------------
 # renorm.py
 
 
@@ -281,7 +350,7 @@ class DocTest(absltest.TestCase):
   def test_docstring_examples_pass(self):
     finder, out = doctest.DocTestFinder(), io.StringIO()
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for module in (ghost, renorm, running, statistics):
+    for module in (ghost, normalize, renorm, running, statistics):
       for test in finder.find(module):
         runner.run(test, out=out.write)
     results = runner.summarize(verbose=False)
