@@ -1,8 +1,9 @@
-"""Each piece that `jaxbn.batch_norm` composes, against float64 NumPy on its own.
+"""Each piece that `jaxbn.batch_norm` composes, tested on its own against float64 references.
 
-The references below are written from the equations, independent of jaxbn:
-a mistake in one piece fails here by name, not only somewhere in
-`batch_norm`'s output. Shapes are small: these tests are about the formulas.
+The references are written from the equations, independent of jaxbn: float64
+NumPy, and for the normalization's custom derivative, autodiff of the formula
+in float64 jnp. A mistake in one piece fails here by name, not only somewhere
+in `batch_norm`'s output. Shapes are small: these tests are about the formulas.
 """
 
 import doctest
@@ -15,6 +16,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from jax import lax
 
+import jaxbn
+import jaxbn.functional
 from jaxbn import ghost, normalize, renorm, running, statistics
 
 # ---------------------------------------------------------------------------
@@ -343,7 +346,22 @@ class RenormTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Docstring examples.
+# The public API and the docstring examples.
+
+
+class PublicApiTest(absltest.TestCase):
+  def test_pieces_for_users_are_exported(self):
+    for name in jaxbn.__all__:
+      self.assertTrue(callable(getattr(jaxbn, name)), name)
+    self.assertIs(jaxbn.ema_update, running.ema_update)
+    self.assertIs(jaxbn.unbiased_variance, running.unbiased_variance)
+    self.assertIs(jaxbn.renorm_correction, renorm.renorm_correction)
+    self.assertIs(jaxbn.batch_statistics, statistics.batch_statistics)
+
+  def test_functional_keeps_its_names(self):
+    # Code written against jaxbn.functional imports these from it.
+    for name in ('Axes', 'batch_statistics', 'canonicalize_axes', 'renorm_schedule'):
+      self.assertTrue(hasattr(jaxbn.functional, name), name)
 
 
 class DocTest(absltest.TestCase):
