@@ -149,13 +149,15 @@ def batch_norm(
     var: running variance, shape ``F`` (biased unless ``unbiased_running_var``).
     use_running_average: inference mode if True, training mode if False.
     axis: the feature axis or axes; every other axis is reduced over.
-    momentum: decay of the running average in [0, 1], or None for the
-      cumulative average ``running + (batch - running) / (count + 1)``.
+    momentum: decay of the running average in [0, 1] (`jaxbn.ema_update`), or
+      None for the cumulative average ``running + (batch - running) / (count +
+      1)`` (`jaxbn.cumulative_update`).
     epsilon: added to the variance before the square root.
     count: with ``momentum=None``, the number of batches already averaged into
       ``mean`` and ``var``; the caller increments it after a training step.
     unbiased_running_var: store ``n / (n - 1)`` times the batch variance in
-      the running variance, as PyTorch does (``n`` values per feature).
+      the running variance, as PyTorch does (``n`` values per feature;
+      `jaxbn.unbiased_variance`).
     use_fast_variance: one pass with moments shifted by the running mean
       ``mean`` (True) or two passes (False); see `batch_statistics`. Both are
       accurate and never negative.
@@ -175,8 +177,8 @@ def batch_norm(
       training, ``y = scale * ((x - mu_B) / sigma_B * r + d) + bias`` with
       ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) /
       sigma, -dmax, dmax)``, ``mu, sigma`` from the running averages and no
-      gradient through ``r, d``. ``(1, 0)`` is plain batch norm; the values
-      may be traced (see `renorm_schedule`).
+      gradient through ``r, d`` (`jaxbn.renorm_correction`). ``(1, 0)`` is
+      plain batch norm; the values may be traced (see `renorm_schedule`).
 
   Returns:
     ``BatchNormOutput(y, mean, var)``: ``y`` of the shape of ``x``, and the
@@ -212,8 +214,7 @@ def batch_norm(
   stats_dtype = jnp.result_type(x, jnp.float32) if force_float32_reductions else x.dtype
   if dtype is None:
     dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
-  mean = jnp.asarray(mean)
-  var = jnp.asarray(var)
+  mean, var = jnp.asarray(mean), jnp.asarray(var)
 
   if use_running_average:
     y = affine(x, mean, lax.rsqrt(var + epsilon), reduction_axes, scale, bias)
@@ -229,13 +230,9 @@ def batch_norm(
     group_mask, _ = split_batch(
       jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
     )
-  expand = lambda v: with_group_axis(v, groups)
   y, batch_mean, batch_var = normalize(
     xg.astype(stats_dtype),
-    expand(scale),
-    expand(bias),
-    expand(mean),
-    expand(var),
+    *(with_group_axis(v, groups) for v in (scale, bias, mean, var)),
     epsilon,
     axes=group_axes,
     mask=group_mask,
