@@ -1,7 +1,20 @@
 """jaxbn: batch normalization in JAX, from scratch, as in Dive into Deep Learning."""
 
-from jaxbn.functional import BatchNormOutput, batch_norm, batch_statistics, renorm_schedule
+from jaxbn.functional import BatchNormOutput, batch_norm
 from jaxbn.linen import BatchNorm
+from jaxbn.renorm import renorm_correction, renorm_schedule
+from jaxbn.running import cumulative_update, ema_update, unbiased_variance
+from jaxbn.statistics import batch_statistics
 
-__all__ = ['BatchNorm', 'BatchNormOutput', 'batch_norm', 'batch_statistics', 'renorm_schedule']
+__all__ = [
+  'BatchNorm',
+  'BatchNormOutput',
+  'batch_norm',
+  'batch_statistics',
+  'cumulative_update',
+  'ema_update',
+  'renorm_correction',
+  'renorm_schedule',
+  'unbiased_variance',
+]
 __version__ = '0.1.0'

@@ -25,13 +25,16 @@ Conventions (shared by `jaxbn.BatchNorm`):
 * **Derivatives** in training mode are batch norm's closed form, through the
   batch statistics and in forward and reverse mode to any order; none flows
   to the running statistics except through the momentum update.
+
+`batch_norm` composes pieces that can be used and tested on their own:
+`jaxbn.statistics` (masked, cross-device batch statistics), `jaxbn.ghost`
+(virtual batches), `jaxbn.normalize` (the normalization and its derivative),
+`jaxbn.renorm` (batch renormalization) and `jaxbn.running` (running averages).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +42,22 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-Axes = int | Sequence[int]
+from jaxbn.ghost import mean_over_groups, num_groups, split_batch, with_group_axis
+from jaxbn.normalize import affine, normalize
+from jaxbn.renorm import renorm_schedule
+from jaxbn.running import cumulative_update, ema_update, unbiased_variance
+from jaxbn.statistics import Axes, batch_statistics, canonicalize_axes, value_count
+
+# With the pieces that `from jaxbn.functional import ...` has always offered; they are
+# defined in jaxbn.statistics (Axes, batch_statistics, canonicalize_axes) and jaxbn.renorm.
+__all__ = [
+  'Axes',
+  'BatchNormOutput',
+  'batch_norm',
+  'batch_statistics',
+  'canonicalize_axes',
+  'renorm_schedule',
+]
 
 
 class BatchNormOutput(NamedTuple):
@@ -48,25 +66,6 @@ class BatchNormOutput(NamedTuple):
   y: jax.Array
   mean: jax.Array
   var: jax.Array
-
-
-def canonicalize_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
-  """Returns ``axis`` as a sorted tuple of non-negative axes of an ``ndim`` array.
-
-  Raises:
-    ValueError: if an axis is out of range for ``ndim`` or repeated.
-  """
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  for a in axes:
-    if not isinstance(a, int) or not -ndim <= a < ndim:
-      raise ValueError(
-        f'axis={axis!r} is out of range for an input of rank {ndim}: use '
-        f'feature axes in [-{ndim}, {ndim - 1}] (-1 for NHWC and (N, C)).'
-      )
-  canonical = tuple(sorted(a % ndim for a in axes))
-  if len(set(canonical)) != len(canonical):
-    raise ValueError(f'axis={axis!r} names the same axis twice.')
-  return canonical
 
 
 def _check_inputs(x, feature_axes, named_stats, momentum, count):
@@ -97,242 +96,15 @@ def _check_inputs(x, feature_axes, named_stats, momentum, count):
     )
 
 
-def _mean(values, axes, mask, axis_name, axis_index_groups, count=None):
-  """Means over ``axes`` (and the named axis) of each array, in one collective.
-
-  With a mask, each mean is a sum over the selected entries divided by their
-  count (``count`` if given, else summed in the same collective): devices
-  with fewer real examples weigh less, unlike a mean of per-device means.
-  """
-  if mask is None:
-    means = jnp.stack([v.mean(axes) for v in values])
-    if axis_name is not None:
-      means = lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
-    return tuple(means)
-  mask = jnp.broadcast_to(jnp.asarray(mask, bool), values[0].shape)
-  sums = [jnp.where(mask, v, 0).sum(axes) for v in values]
-  if count is None:
-    sums.append(mask.sum(axes, dtype=values[0].dtype))
-  sums = jnp.stack(sums)
-  if axis_name is not None:
-    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-  if count is None:
-    *sums, count = sums
-  return tuple(s / jnp.maximum(count, 1) for s in sums)
-
-
-def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
-  """Number of values averaged per feature (for the unbiased variance)."""
-  if mask is None:
-    n = jnp.asarray(math.prod(x.shape[a] for a in reduction_axes), jnp.float32)
-  else:
-    n = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).sum(reduction_axes, dtype=jnp.float32)
-  if axis_name is not None:
-    n = lax.psum(n, axis_name, axis_index_groups=axis_index_groups)
-  return n
-
-
-def batch_statistics(
-  x: jax.Array,
-  reduction_axes: tuple[int, ...],
-  *,
-  use_fast_variance: bool = True,
-  mask: ArrayLike | None = None,
-  axis_name: str | None = None,
-  axis_index_groups: Any = None,
-  shift: ArrayLike | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Per-feature mean and biased variance of ``x`` over ``reduction_axes``.
-
-  ``x`` should already be in the precision of the reduction (float32 or
-  wider). Both formulas give a variance that is never negative:
-
-  * ``use_fast_variance=True``: one pass and one collective, with shifted
-    moments ``var = E[(x - k)^2] - E[x - k]^2``. ``k = shift`` is a guess of
-    the mean of each feature (size 1 along ``reduction_axes``; 0 if None):
-    `batch_norm` passes the running mean, so that no extra pass over ``x`` is
-    needed. The formula loses about ``(E[x] - k)^2 / var`` ulps of the
-    variance (flax issue 1491 is ``k = 0`` with a large mean); when ``k`` is
-    more than 2 standard deviations from the mean, a second pass about the
-    mean of ``x - k`` replaces it (under `lax.cond`, so it costs only then).
-    Mean and variance are then exact up to the rounding of ``x - k`` (to ulps
-    of the larger of ``|x|`` and ``|k|``, the rounding ``x`` itself has when
-    ``k`` is no larger).
-  * ``use_fast_variance=False``: two passes, ``var = E[(x - E[x])^2]``.
-
-  Gradients are those of the formula; with ``shift`` they do not flow
-  through ``k``.
-
-  Returns:
-    ``(mean, var)``, each of the shape of the axes not reduced over.
-  """
-  reduce = lambda *vs: _mean(vs, reduction_axes, mask, axis_name, axis_index_groups)
-
-  def two_passes(x):
-    (mean,) = reduce(x)
-    (var,) = reduce(lax.square(x - jnp.expand_dims(mean, reduction_axes)))
-    return mean, var
-
-  if not use_fast_variance:
-    return two_passes(x)
-  shift = jnp.zeros((), x.dtype) if shift is None else lax.stop_gradient(jnp.asarray(shift))
-  centred = x - shift
-  offset, mean_sq = reduce(centred, lax.square(centred))
-  mean = offset + (jnp.squeeze(shift, reduction_axes) if shift.ndim else shift)
-  var = mean_sq - lax.square(offset)
-
-  def second_pass(centred, offset, var):
-    (exact,) = reduce(lax.square(centred - jnp.expand_dims(offset, reduction_axes)))
-    return exact - var
-
-  # The correction carries no derivative, so the cond is not differentiated.
-  # It reads `centred`, which the moments needed anyway (reading x would
-  # keep a second full-size array alive).
-  imprecise = jnp.any(lax.square(offset) > 4.0 * var)
-  zeros = lambda centred, offset, var: jnp.zeros_like(var)
-  var = var + lax.cond(imprecise, second_pass, zeros, *lax.stop_gradient((centred, offset, var)))
-  return mean, jnp.maximum(var, 0.0)
-
-
-def _num_groups(x, feature_axes, virtual_batch_size) -> int:
-  if 0 in feature_axes:
+def _check_values_per_feature(shape, feature_axes, xg, group_axes, groups, axis_name):
+  if math.prod(xg.shape[a] for a in group_axes) == 1 and axis_name is None:
     raise ValueError(
-      'virtual_batch_size splits axis 0, the batch, into groups, but axis 0 is a '
-      f'feature axis here (feature axes {feature_axes}).'
+      f'Training-mode batch norm of an input of shape {shape} with '
+      f'feature axes {feature_axes} averages a single value per feature'
+      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
+      'bias alone and nothing would be learned. Use a batch of at least 2 '
+      'examples, or use_running_average=True.'
     )
-  if virtual_batch_size < 1 or x.shape[0] % virtual_batch_size:
-    raise ValueError(
-      f'virtual_batch_size={virtual_batch_size} does not divide the batch of '
-      f'{x.shape[0]} examples: use a divisor of the batch size.'
-    )
-  return x.shape[0] // virtual_batch_size
-
-
-def _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip):
-  """Batch renormalization's r and d (Ioffe, 2017), with gradients stopped.
-
-  ``r = clip(sigma_B / sigma, 1 / rmax, rmax)`` and ``d = clip((mu_B - mu) /
-  sigma, -dmax, dmax)``, where ``mu, sigma`` come from the running averages.
-  """
-  rmax, dmax = renorm_clip
-  running_std = jnp.sqrt(var + epsilon)
-  r = jnp.clip(jnp.sqrt(batch_var + epsilon) / running_std, 1.0 / rmax, rmax)
-  d = jnp.clip((batch_mean - mean) / running_std, -dmax, dmax)
-  return lax.stop_gradient(r), lax.stop_gradient(d)
-
-
-def renorm_schedule(
-  step: ArrayLike, rmax: float, dmax: float, warmup_steps: int
-) -> tuple[jax.Array, jax.Array]:
-  """Batch renormalization's clipping bounds, widened linearly during warm-up.
-
-  ``(1, 0)`` (plain batch norm) at step 0, growing linearly to
-  ``(rmax, dmax)`` at ``warmup_steps`` and constant after (Ioffe, 2017,
-  relaxes them gradually in the same way).
-  """
-  progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(warmup_steps, 1), 0.0, 1.0)
-  return 1.0 + (rmax - 1.0) * progress, dmax * progress
-
-
-class _Normalization(NamedTuple):
-  """The static (hashable) settings of `_normalize`."""
-
-  axes: tuple[int, ...]
-  use_fast_variance: bool
-  axis_name: Any
-  axis_index_groups: tuple[tuple[int, ...], ...] | None
-
-
-def _affine(x, mean, rstd, axes, scale, bias, r=None, d=None):
-  """``(x - mean) * (rstd * r * scale) + (d * scale + bias)``, per-feature values
-  (shape of the axes kept) broadcast along ``axes``; None terms are left out."""
-  multiplier, offset = rstd, d
-  if r is not None:
-    multiplier = multiplier * r
-  if scale is not None:
-    multiplier = multiplier * scale
-    offset = None if offset is None else offset * scale
-  if bias is not None:
-    offset = bias if offset is None else offset + bias
-  keep = lambda v: jnp.expand_dims(v, axes)
-  y = (x - keep(mean)) * keep(multiplier)
-  return y if offset is None else y + keep(offset)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _normalize(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
-  """Training-mode batch norm: ``(y, batch_mean, batch_var)``.
-
-  ``x`` is reduced over ``how.axes``; ``scale`` and ``bias`` (or None) have
-  the shape of the statistics, or 1 along a group axis; ``mean, var`` are the
-  running statistics (the shift of the moments, and the reference of batch
-  renormalization). The derivative is batch norm's closed form
-  (`_normalize_jvp`); none flows to ``mean``, ``var``, ``mask`` or
-  ``renorm_clip``.
-  """
-  return _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip)[0]
-
-
-def _normalize_primal(how, x, scale, bias, mean, var, epsilon, mask, renorm_clip):
-  batch_mean, batch_var = batch_statistics(
-    x,
-    how.axes,
-    use_fast_variance=how.use_fast_variance,
-    mask=mask,
-    axis_name=how.axis_name,
-    axis_index_groups=how.axis_index_groups,
-    shift=jnp.expand_dims(mean, how.axes),
-  )
-  rstd = lax.rsqrt(batch_var + epsilon)
-  r = d = None
-  if renorm_clip is not None:
-    r, d = _renorm_correction(batch_mean, batch_var, mean, var, epsilon, renorm_clip)
-  y = _affine(x, batch_mean, rstd, how.axes, scale, bias, r, d)
-  return (y, batch_mean, batch_var), (rstd, r, d)
-
-
-@_normalize.defjvp
-def _normalize_jvp(how, primals, tangents):
-  r"""The tangent of ``y = x_hat * a + b``, ``x_hat = (x - mu) * rstd`` and
-  ``a = rstd * r * scale`` (`_affine`), grouped by what it broadcasts:
-
-  .. math::
-    \dot y = a \dot x
-      + \hat x \big(r\, \dot{\mathrm{scale}}
-        - a (\overline{\hat x \dot x} + \tfrac12 \mathrm{rstd}\, \dot\epsilon)\big)
-      + \big(d\, \dot{\mathrm{scale}} + \dot{\mathrm{bias}} - a \bar{\dot x}\big),
-
-  bars being the (masked, cross-device) means of the statistics:
-  :math:`\dot\mu = \bar{\dot x}` and :math:`\dot{\sigma^2} =
-  2 \overline{\hat x \dot x} / \mathrm{rstd}`. So written, its transpose
-  (reverse mode) takes two reductions, :math:`\sum g` and :math:`\sum g \hat x`,
-  shared with the gradients of ``bias`` and ``scale``, and one elementwise
-  pass; autodiff of the forward formula reduces three times and writes one
-  more full-size array (on XLA:CPU, benchmarks/throughput.py measured jaxbn's
-  LeNet at 0.98-0.99x Flax BN's speed before, 1.03-1.04x after).
-  """
-  x, scale, bias, _, _, _, mask, _ = primals
-  x_dot, scale_dot, bias_dot, _, _, epsilon_dot, *_ = tangents
-  (y, batch_mean, batch_var), (rstd, r, d) = _normalize_primal(how, *primals)
-  keep = lambda v: jnp.expand_dims(v, how.axes)
-  x_hat = (x - keep(batch_mean)) * keep(rstd)
-  # A mask's count is no tangent: it is summed apart from them.
-  count = None if mask is None else _count(x, how.axes, mask, how.axis_name, how.axis_index_groups)
-  mean_dot, x_hat_x_dot = _mean(
-    (x_dot, x_hat * x_dot), how.axes, mask, how.axis_name, how.axis_index_groups, count
-  )
-  a = rstd if r is None else rstd * r
-  slope = -a * (x_hat_x_dot + 0.5 * rstd * epsilon_dot)
-  if scale is not None:
-    slope = slope * scale + (scale_dot if r is None else r * scale_dot)
-    a = a * scale
-  offset = -a * mean_dot
-  if scale is not None and d is not None:
-    offset = offset + d * scale_dot
-  if bias is not None:
-    offset = offset + bias_dot
-  y_dot = keep(a) * x_dot + x_hat * keep(slope) + keep(offset)
-  return (y, batch_mean, batch_var), (y_dot, mean_dot, 2.0 * x_hat_x_dot / rstd)
 
 
 def batch_norm(
@@ -377,13 +149,15 @@ def batch_norm(
     var: running variance, shape ``F`` (biased unless ``unbiased_running_var``).
     use_running_average: inference mode if True, training mode if False.
     axis: the feature axis or axes; every other axis is reduced over.
-    momentum: decay of the running average in [0, 1], or None for the
-      cumulative average ``running + (batch - running) / (count + 1)``.
+    momentum: decay of the running average in [0, 1] (`jaxbn.ema_update`), or
+      None for the cumulative average ``running + (batch - running) / (count +
+      1)`` (`jaxbn.cumulative_update`).
     epsilon: added to the variance before the square root.
     count: with ``momentum=None``, the number of batches already averaged into
       ``mean`` and ``var``; the caller increments it after a training step.
     unbiased_running_var: store ``n / (n - 1)`` times the batch variance in
-      the running variance, as PyTorch does (``n`` values per feature).
+      the running variance, as PyTorch does (``n`` values per feature;
+      `jaxbn.unbiased_variance`).
     use_fast_variance: one pass with moments shifted by the running mean
       ``mean`` (True) or two passes (False); see `batch_statistics`. Both are
       accurate and never negative.
@@ -403,8 +177,8 @@ def batch_norm(
       training, ``y = scale * ((x - mu_B) / sigma_B * r + d) + bias`` with
       ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) /
       sigma, -dmax, dmax)``, ``mu, sigma`` from the running averages and no
-      gradient through ``r, d``. ``(1, 0)`` is plain batch norm; the values
-      may be traced (see `renorm_schedule`).
+      gradient through ``r, d`` (`jaxbn.renorm_correction`). ``(1, 0)`` is
+      plain batch norm; the values may be traced (see `renorm_schedule`).
 
   Returns:
     ``BatchNormOutput(y, mean, var)``: ``y`` of the shape of ``x``, and the
@@ -440,74 +214,39 @@ def batch_norm(
   stats_dtype = jnp.result_type(x, jnp.float32) if force_float32_reductions else x.dtype
   if dtype is None:
     dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
-  mean = jnp.asarray(mean)
-  var = jnp.asarray(var)
-
-  # Statistics per group of examples: `virtual_batch_size` consecutive
-  # examples each (ghost batch norm), or the whole batch as one group. The
-  # input gets a leading group axis and the reduced axes move one to the right.
-  groups = 1
-  if virtual_batch_size is not None and not use_running_average:
-    groups = _num_groups(x, feature_axes, virtual_batch_size)
-  # Without groups the input keeps its rank: XLA:CPU runs the first layer's
-  # fusions 2-4x slower with an extra leading axis.
-  lead = 1 if groups > 1 else 0
-  xg = x.reshape(groups, x.shape[0] // groups, *x.shape[1:]) if lead else x
-  group_axes = tuple(a + lead for a in reduction_axes)
+  mean, var = jnp.asarray(mean), jnp.asarray(var)
 
   if use_running_average:
-    y = _affine(xg, mean, lax.rsqrt(var + epsilon), group_axes, scale, bias)
-    return BatchNormOutput(y.reshape(x.shape).astype(dtype), mean, var)
+    y = affine(x, mean, lax.rsqrt(var + epsilon), reduction_axes, scale, bias)
+    return BatchNormOutput(y.astype(dtype), mean, var)
 
-  values_per_feature = math.prod(xg.shape[a] for a in group_axes)
-  if values_per_feature == 1 and axis_name is None:
-    raise ValueError(
-      f'Training-mode batch norm of an input of shape {x.shape} with '
-      f'feature axes {feature_axes} averages a single value per feature'
-      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
-      'bias alone and nothing would be learned. Use a batch of at least 2 '
-      'examples, or use_running_average=True.'
-    )
+  # Ghost batch norm: statistics per group of examples, with a leading group
+  # axis (none without virtual batches).
+  groups = num_groups(x.shape[0], feature_axes, virtual_batch_size)
+  xg, group_axes = split_batch(x, reduction_axes, groups)
+  _check_values_per_feature(x.shape, feature_axes, xg, group_axes, groups, axis_name)
   group_mask = None
   if mask is not None:
-    group_mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape).reshape(xg.shape)
-  how = _Normalization(
+    group_mask, _ = split_batch(
+      jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
+    )
+  y, batch_mean, batch_var = normalize(
+    xg.astype(stats_dtype),
+    *(with_group_axis(v, groups) for v in (scale, bias, mean, var)),
+    epsilon,
     axes=group_axes,
+    mask=group_mask,
+    renorm_clip=renorm_clip,
     use_fast_variance=use_fast_variance,
     axis_name=axis_name,
-    axis_index_groups=None
-    if axis_index_groups is None
-    else tuple(tuple(group) for group in axis_index_groups),
-  )
-  # Per-feature values get the leading group axis of the statistics: no
-  # implicit rank promotion (which jax_numpy_rank_promotion='raise' rejects).
-  expand = lambda v: None if v is None else (jnp.asarray(v)[None] if lead else jnp.asarray(v))
-  # With a named axis the same formula is differentiated by autodiff: jax
-  # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
-  # differentiated after jit ("unbound axis name").
-  normalize = _normalize if axis_name is None else lambda *args: _normalize_primal(*args)[0]
-  y, batch_mean, batch_var = normalize(
-    how,
-    xg.astype(stats_dtype),
-    expand(scale),
-    expand(bias),
-    expand(mean),
-    expand(var),
-    epsilon,
-    group_mask,
-    renorm_clip,
+    axis_index_groups=axis_index_groups,
   )
   if unbiased_running_var:
-    n = _count(xg, group_axes, group_mask, axis_name, axis_index_groups)
-    batch_var = batch_var * n / jnp.maximum(n - 1, 1)
-  if lead:  # Ghost batch norm: the running averages take the mean over the groups.
-    batch_mean, batch_var = batch_mean.mean(0), batch_var.mean(0)
+    n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)
+    batch_var = unbiased_variance(batch_var, n)
+  batch_mean, batch_var = mean_over_groups((batch_mean, batch_var), groups)
   if momentum is None:
-    weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
-    new_mean = mean + weight * (batch_mean - mean)
-    new_var = var + weight * (batch_var - var)
+    new_mean, new_var = cumulative_update((mean, var), (batch_mean, batch_var), count)
   else:
-    new_mean = momentum * mean + (1.0 - momentum) * batch_mean
-    new_var = momentum * var + (1.0 - momentum) * batch_var
-  y = y.reshape(x.shape)
-  return BatchNormOutput(y.astype(dtype), new_mean, new_var)
+    new_mean, new_var = ema_update((mean, var), (batch_mean, batch_var), momentum)
+  return BatchNormOutput(y.reshape(x.shape).astype(dtype), new_mean, new_var)

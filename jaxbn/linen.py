@@ -10,7 +10,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jaxbn.functional import Axes, batch_norm, canonicalize_axes, renorm_schedule
+from jaxbn.functional import batch_norm
+from jaxbn.renorm import renorm_schedule
+from jaxbn.statistics import Axes, canonicalize_axes
 
 
 class BatchNorm(nn.Module):

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from jaxbn.functional import batch_statistics, canonicalize_axes
 from jaxbn.linen import BatchNorm
+from jaxbn.running import unbiased_variance
+from jaxbn.statistics import batch_statistics, canonicalize_axes, value_count
 
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 
@@ -61,8 +62,7 @@ def layer_batch_statistics(
         h.astype(jnp.promote_types(h.dtype, jnp.float32)), reduction_axes, use_fast_variance=False
       )
       if getattr(module, 'unbiased_running_var', False):
-        n = h.size // mean.size
-        var = var * n / (n - 1)
+        var = unbiased_variance(var, value_count(h, reduction_axes))
       stats[module.path] = {'mean': mean, 'var': var}
     return next_fun(*args, **call_kwargs)
 

@@ -93,3 +93,21 @@ def test_inference_mode_layers_are_left_alone():
   variables = model.init(jax.random.key(7), x[:2], train=False)
   stats = precise.layer_batch_statistics(model.apply, variables, x, train=False)
   assert stats == {}
+
+
+def test_unbiased_layers_get_the_unbiased_variance():
+  """A layer storing unbiased running variances gets n / (n - 1) times the batch variance."""
+  x = np.asarray(jax.random.normal(jax.random.key(8), (2, 6, 3, 4)), np.float64) * 2 + 1
+  model = jaxbn.BatchNorm(unbiased_running_var=True)
+  variables = model.init(jax.random.key(9), jnp.asarray(x[0], jnp.float32), True)
+  got = precise.precise_batch_stats(
+    model.apply,
+    variables['params'],
+    variables['batch_stats'],
+    jnp.asarray(x.reshape(12, 3, 4), jnp.float32),
+    6,
+    use_running_average=False,
+  )
+  # 18 values per feature in each batch of 6 examples of shape (3, 4).
+  np.testing.assert_allclose(got['var'], x.var((1, 2), ddof=1).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(got['mean'], x.mean((1, 2)).mean(0), rtol=1e-5, atol=1e-6)
