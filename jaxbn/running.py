@@ -62,8 +62,14 @@ def cumulative_update(running: Any, batch: Any, count: ArrayLike) -> Any:
     >>> cumulative_update(jnp.array([2.0]), jnp.array([5.0]), count=2)  # mean of 2, 2, 5
     Array([3.], dtype=float32)
   """
-  weight = 1.0 / (jnp.asarray(count, jnp.float32) + 1.0)
-  return jax.tree.map(lambda r, b: r + weight * (b - r), running, batch)
+
+  # The weight in the statistics' own precision: float32 would round 1/3 in a
+  # float64 model (PyTorch's cumulative average is exact there).
+  def update(r, b):
+    weight = 1.0 / (jnp.asarray(count, jnp.result_type(r, b, jnp.float32)) + 1.0)
+    return r + weight * (b - r)
+
+  return jax.tree.map(update, running, batch)
 
 
 def unbiased_variance(var: ArrayLike, count: ArrayLike) -> jax.Array:
