@@ -68,11 +68,16 @@ class BatchNormOutput(NamedTuple):
   var: jax.Array
 
 
-def _check_inputs(x, feature_axes, named_stats, momentum, count):
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+def _check_inputs(x, feature_axes, named_stats, momentum, count, renorm_clip):
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
     raise TypeError(
-      f'batch_norm needs a real floating-point input, got dtype {x.dtype}: '
+      f'batch_norm needs a floating-point (or complex) input, got dtype {x.dtype}: '
       'cast it first, e.g. x.astype(jnp.float32).'
+    )
+  if renorm_clip is not None and jnp.iscomplexobj(x):
+    raise TypeError(
+      f'Batch renormalization (renorm_clip) clips real values; the input is {x.dtype}. '
+      'Use renorm_clip=None for complex inputs.'
     )
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   for name, value in named_stats.items():
@@ -141,7 +146,8 @@ def batch_norm(
   In inference mode they are ``mean`` and ``var``, returned unchanged.
 
   Args:
-    x: input of any rank, e.g. (N, C) or (N, H, W, C); real floating dtype.
+    x: input of any rank, e.g. (N, C) or (N, H, W, C); floating or complex
+      (complex mean, real variance ``E|x - mean|^2``, as in Flax).
     scale: per-feature gamma of shape ``F`` (the sizes of the feature axes),
       or None for no scaling.
     bias: per-feature beta of shape ``F``, or None for no offset.
@@ -185,7 +191,8 @@ def batch_norm(
     new running mean and variance of shape ``F`` (float32 by default).
 
   Raises:
-    TypeError: if ``x`` is not floating point.
+    TypeError: if ``x`` is neither floating point nor complex, or complex with
+      ``renorm_clip``.
     ValueError: if an axis is out of range, a statistic or parameter is not of
       shape ``F``, ``momentum`` is outside [0, 1], ``count`` is missing for
       ``momentum=None``, or training-mode statistics would average a single
@@ -210,6 +217,7 @@ def batch_norm(
     dict(scale=scale, bias=bias, mean=mean, var=var),
     momentum,
     count,
+    renorm_clip,
   )
   stats_dtype = jnp.result_type(x, jnp.float32) if force_float32_reductions else x.dtype
   if dtype is None:

@@ -163,7 +163,8 @@ def normalize(
   with ``r = 1, d = 0`` unless ``renorm_clip`` is given (`jaxbn.renorm_correction`).
 
   Args:
-    x: the input, in the precision of the statistics (float32 or wider).
+    x: the input, in the precision of the statistics (float32 or wider),
+      real or complex.
     scale: gamma of the statistics' shape (the axes of ``x`` not in
       ``axes``; 1 along a group axis, `jaxbn.ghost.with_group_axis`), or None.
     bias: beta of that shape, or None.
@@ -193,7 +194,8 @@ def normalize(
   args = (x, scale, bias, mean, var, epsilon, mask, renorm_clip)
   # With a named axis the same formula is differentiated by autodiff: jax
   # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
-  # differentiated after jit ("unbound axis name").
-  if axis_name is None:
+  # differentiated after jit ("unbound axis name"). Complex inputs too: the
+  # closed form is written for real ones.
+  if axis_name is None and not jnp.iscomplexobj(x):
     return _normalize(how, *args)
   return _normalize_primal(how, *args)[0]

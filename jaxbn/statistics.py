@@ -3,8 +3,9 @@
 The reductions behind `jaxbn.batch_norm`, usable on their own: statistics
 are taken over ``reduction_axes`` (every axis but the features), over the
 entries a boolean ``mask`` selects, and across devices with ``axis_name``.
-The variance is the biased one, ``mean((x - mean(x))**2)``; see
-`jaxbn.unbiased_variance` for ``n / (n - 1)`` times it.
+The variance is the biased one, ``mean(|x - mean(x)|**2)``; see
+`jaxbn.unbiased_variance` for ``n / (n - 1)`` times it. Complex inputs have a
+complex mean and a real variance, as in Flax.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def canonicalize_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
   return canonical
 
 
+def abs_square(x: jax.Array) -> jax.Array:
+  """``|x|**2``, real: ``x**2`` for real ``x``, ``re**2 + im**2`` for complex."""
+  if jnp.iscomplexobj(x):
+    return lax.square(x.real) + lax.square(x.imag)
+  return lax.square(x)
+
+
 def masked_means(
   values: Sequence[jax.Array],
   axes: tuple[int, ...],
@@ -60,26 +68,33 @@ def masked_means(
       already known; else it is summed in the same collective.
 
   Returns:
-    One mean per array, of the shape of the axes not reduced over. With a
-    mask each is a sum over the selected entries divided by their count (0 if
-    there are none): devices with fewer real examples weigh less, unlike a
-    mean of per-device means.
+    One mean per array, of the shape of the axes not reduced over and of the
+    array's dtype. With a mask each is a sum over the selected entries divided
+    by their count (0 if there are none): devices with fewer real examples
+    weigh less, unlike a mean of per-device means.
   """
+  # The means travel stacked, in one dtype (complex if any value is); each
+  # comes back in its own.
+  own_dtype = lambda means: tuple(
+    m.real if jnp.iscomplexobj(m) and not jnp.iscomplexobj(v) else m
+    for m, v in zip(means, values, strict=False)
+  )
   if mask is None:
     means = jnp.stack([v.mean(axes) for v in values])
     if axis_name is not None:
       means = lax.pmean(means, axis_name, axis_index_groups=axis_index_groups)
-    return tuple(means)
+    return own_dtype(means)
   mask = jnp.broadcast_to(jnp.asarray(mask, bool), values[0].shape)
   sums = [jnp.where(mask, v, 0).sum(axes) for v in values]
   if count is None:
-    sums.append(mask.sum(axes, dtype=values[0].dtype))
+    sums.append(mask.sum(axes, dtype=jnp.finfo(values[0].dtype).dtype))
   sums = jnp.stack(sums)
   if axis_name is not None:
     sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
   if count is None:
     *sums, count = sums
-  return tuple(s / jnp.maximum(count, 1) for s in sums)
+    count = count.real
+  return own_dtype([s / jnp.maximum(count, 1) for s in sums])
 
 
 def value_count(
@@ -118,7 +133,9 @@ def batch_statistics(
   """Per-feature mean and biased variance of ``x`` over ``reduction_axes``.
 
   ``x`` should already be in the precision of the reduction (float32 or
-  wider). Both formulas give a variance that is never negative:
+  wider); if complex, the mean is complex and the variance
+  ``E|x - E[x]|^2`` real. Both formulas give a variance that is never
+  negative:
 
   * ``use_fast_variance=True``: one pass and one collective, with shifted
     moments ``var = E[(x - k)^2] - E[x - k]^2``. ``k = shift`` is a guess of
@@ -149,25 +166,25 @@ def batch_statistics(
 
   def two_passes(x):
     (mean,) = reduce(x)
-    (var,) = reduce(lax.square(x - jnp.expand_dims(mean, reduction_axes)))
+    (var,) = reduce(abs_square(x - jnp.expand_dims(mean, reduction_axes)))
     return mean, var
 
   if not use_fast_variance:
     return two_passes(x)
   shift = jnp.zeros((), x.dtype) if shift is None else lax.stop_gradient(jnp.asarray(shift))
   centred = x - shift
-  offset, mean_sq = reduce(centred, lax.square(centred))
+  offset, mean_sq = reduce(centred, abs_square(centred))
   mean = offset + (jnp.squeeze(shift, reduction_axes) if shift.ndim else shift)
-  var = mean_sq - lax.square(offset)
+  var = mean_sq - abs_square(offset)
 
   def second_pass(centred, offset, var):
-    (exact,) = reduce(lax.square(centred - jnp.expand_dims(offset, reduction_axes)))
+    (exact,) = reduce(abs_square(centred - jnp.expand_dims(offset, reduction_axes)))
     return exact - var
 
   # The correction carries no derivative, so the cond is not differentiated.
   # It reads `centred`, which the moments needed anyway (reading x would
   # keep a second full-size array alive).
-  imprecise = jnp.any(lax.square(offset) > 4.0 * var)
+  imprecise = jnp.any(abs_square(offset) > 4.0 * var)
   zeros = lambda centred, offset, var: jnp.zeros_like(var)
   var = var + lax.cond(imprecise, second_pass, zeros, *lax.stop_gradient((centred, offset, var)))
   return mean, jnp.maximum(var, 0.0)

@@ -31,7 +31,7 @@ def expected_error(shape, dtype, axis, momentum, with_count, training):
   if not -ndim <= axis < ndim:
     return ValueError, 'out of range for an input of rank'
   if dtype == 'int32':
-    return TypeError, 'real floating-point input'
+    return TypeError, 'floating-point'
   if momentum is None and not with_count:
     return ValueError, 'needs count'
   if momentum is not None and not 0 <= momentum <= 1:

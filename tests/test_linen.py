@@ -25,6 +25,8 @@ def _data(shape, seed, dtype=np.float32, axis=-1):
   axes = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
   keep = tuple(shape[a] if a in axes else 1 for a in range(ndim))
   x = rng.uniform(-3, 3, keep) + rng.uniform(0.5, 2, keep) * rng.standard_normal(shape)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    x = x + 1j * (rng.uniform(-3, 3, keep) + rng.standard_normal(shape))
   return jnp.asarray(x, dtype)
 
 
@@ -105,6 +107,13 @@ _FLAX_CASES = (
     tol=1e-2,
   ),
   dict(testcase_name='no_float32_reductions', shape=(8, 3), force_float32_reductions=False),
+  dict(testcase_name='complex64_nhwc', shape=(4, 5, 3, 6), x_dtype=jnp.complex64, momentum=0.9),
+  dict(
+    testcase_name='complex64_two_pass_rank2',
+    shape=(8, 3),
+    x_dtype=jnp.complex64,
+    use_fast_variance=False,
+  ),
 )
 
 
@@ -175,6 +184,22 @@ class FlaxParityTest(chex.TestCase):
           mutable=['batch_stats'],
         )
         return jnp.sum(w * y)
+
+      grads[cls] = self.variant(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+    chex.assert_trees_all_close(grads[jaxbn.BatchNorm], grads[nn.BatchNorm], atol=1e-4, rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_complex_gradients_match_flax(self):
+    x = _data((8, 3), 0, dtype=jnp.complex64)
+    w = _data((8, 3), 1, dtype=jnp.complex64)
+    grads = {}
+    for cls in (nn.BatchNorm, jaxbn.BatchNorm):
+      model = cls(momentum=0.9, use_running_average=False)
+      variables = _randomize(model.init(jax.random.key(0), x), 2)
+
+      def loss(params, x, model=model, variables=variables):
+        y, _ = model.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.real(w * y))
 
       grads[cls] = self.variant(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
     chex.assert_trees_all_close(grads[jaxbn.BatchNorm], grads[nn.BatchNorm], atol=1e-4, rtol=1e-4)
