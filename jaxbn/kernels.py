@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 from flax.typing import Initializer
 
 
@@ -93,7 +95,9 @@ def conv_valid(x: jax.Array, kernel: jax.Array, block: int = 4) -> jax.Array:
   width = block + kw - 1
   # band[dj, v, u] = 1 where window column v feeds output column u through kernel column dj.
   band = np.stack([np.eye(width, block, -dj, dtype=np.float32) for dj in range(kw)])
-  matrix = jnp.einsum('dvu,edio->eviuo', band, kernel).reshape(kh * width * i, -1)
+  matrix = jnp.einsum('dvu,edio->eviuo', band.astype(kernel.dtype), kernel).reshape(
+    kh * width * i, -1
+  )
   windows = jnp.stack(
     [
       jnp.stack([x[:, di : di + ho, b * block : b * block + width] for di in range(kh)], axis=2)
@@ -116,6 +120,7 @@ class BandedConv(nn.Module):
     use_bias: add a learned per-channel bias.
     kernel_init: initializer of ``kernel``.
     bias_init: initializer of ``bias``.
+    dtype: the computation dtype (None: that of the input and parameters).
     block: output pixels per row window of `conv_valid`.
   """
 
@@ -123,6 +128,7 @@ class BandedConv(nn.Module):
   kernel_size: Sequence[int]
   padding: str = 'VALID'
   use_bias: bool = True
+  dtype: Any = None
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros
   block: int = 4
@@ -131,8 +137,8 @@ class BandedConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.padding != 'VALID':
       raise ValueError(f"BandedConv computes padding='VALID' only, got {self.padding!r}.")
-    shape = (*self.kernel_size, x.shape[-1], self.features)
-    y = conv_valid(x, self.param('kernel', self.kernel_init, shape), self.block)
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,)).reshape(1, 1, 1, -1)
-    return y
+    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = conv_valid(x, kernel, self.block)
+    return y if bias is None else y + bias.reshape(1, 1, 1, -1)

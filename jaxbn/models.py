@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxbn import kernels
@@ -56,11 +57,15 @@ class LeNet(nn.Module):
     conv_impl: ``'standard'`` (``nn.Conv``, ``nn.max_pool``), ``'banded'``
       (their XLA:CPU forms, `jaxbn.kernels`) or ``'auto'`` (banded on CPU).
     num_classes: size of the output layer.
+    dtype: the layers' computation dtype, e.g. ``jnp.bfloat16`` (None: that of
+      the inputs and parameters). Parameters, BN statistics and the logits stay
+      in at least float32.
   """
 
   norm: ModuleDef | None = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   conv_impl: str = 'auto'
   num_classes: int = 10
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -76,21 +81,25 @@ class LeNet(nn.Module):
       conv, pool = kernels.BandedConv, kernels.max_pool_2x2
     else:
       conv, pool = nn.Conv, _max_pool
-    conv = functools.partial(conv, kernel_size=(5, 5), padding='VALID', kernel_init=xavier)
-    dense = functools.partial(nn.Dense, kernel_init=xavier)
+    conv = functools.partial(
+      conv, kernel_size=(5, 5), padding='VALID', kernel_init=xavier, dtype=self.dtype
+    )
+    dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
 
     def bn(h, name):
       if self.norm is None:
         return h
       m = None if mask is None else mask.reshape(-1, *[1] * (h.ndim - 1))
-      return self.norm(use_running_average=not train, name=name)(h, mask=m)
+      layer = self.norm(use_running_average=not train, dtype=self.dtype, name=name)
+      return layer(h, mask=m)
 
     x = pool(nn.sigmoid(bn(conv(6, name='conv1')(x), 'bn1')))
     x = pool(nn.sigmoid(bn(conv(16, name='conv2')(x), 'bn2')))
     x = x.reshape(x.shape[0], -1)
     x = nn.sigmoid(bn(dense(120, name='fc1')(x), 'bn3'))
     x = nn.sigmoid(bn(dense(84, name='fc2')(x), 'bn4'))
-    return dense(self.num_classes, name='fc3')(x)
+    logits = dense(self.num_classes, name='fc3')(x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def first_norm_params(params) -> dict[str, jax.Array] | None:

@@ -172,3 +172,20 @@ def test_auto_picks_the_banded_forms_on_cpu_only(monkeypatch):
   assert models.resolve_conv_impl('banded') == 'banded'
   with pytest.raises(ValueError, match="conv_impl='fast' is not one of"):
     models.resolve_conv_impl('fast')
+
+
+def test_bfloat16_lenet_computes_in_bfloat16_and_returns_float32_logits():
+  x = images(8)
+  logits = {}
+  for impl in ('banded', 'standard'):
+    model = models.LeNet(dtype=jnp.bfloat16, conv_impl=impl)
+    variables = model.init(jax.random.key(0), x, train=False)
+    chex.assert_trees_all_equal_dtypes(
+      variables['params'], jax.tree.map(jnp.float32, variables['params'])
+    )
+    logits[impl], state = model.apply(
+      variables, x, train=False, capture_intermediates=True, mutable=['intermediates']
+    )
+    (conv1,) = state['intermediates']['conv1']['__call__']
+    assert conv1.dtype == jnp.bfloat16 and logits[impl].dtype == jnp.float32
+  chex.assert_trees_all_close(logits['banded'], logits['standard'], atol=5e-2)
