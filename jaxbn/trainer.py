@@ -14,56 +14,8 @@ import numpy as np
 import tqdm
 
 from jaxbn import data as data_lib
-from jaxbn import models, parallel, precise, training
+from jaxbn import models, parallel, precise, settings, steps
 from jaxbn import workdir as workdir_lib
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and a fix."""
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` for values that cannot train, before any work is done."""
-  if config.model != 'lenet':
-    raise ConfigError(f"config.model={config.model!r} is unknown: use 'lenet'.")
-  if config.norm not in models.NORMS:
-    raise ConfigError(f'config.norm={config.norm!r} is unknown: use one of {models.NORMS}.')
-  for field in ('learning_rate', 'batch_size', 'num_epochs', 'eval_batch_size'):
-    if not config[field] > 0:
-      raise ConfigError(f'config.{field}={config[field]!r} must be positive.')
-  for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'steps_per_dispatch'):
-    if not isinstance(config[field], int):
-      raise ConfigError(f'config.{field}={config[field]!r} must be an integer.')
-  if config.batch_size == 1 and config.norm != 'none':
-    raise ConfigError(
-      'config.batch_size=1 with batch norm: the dense layers would normalise a single '
-      "value per feature and learn nothing. Use batch_size >= 2 or norm='none'."
-    )
-  if config.precise_bn_examples and config.norm == 'none':
-    raise ConfigError("config.precise_bn_examples needs batch norm: set it to 0 for norm='none'.")
-  vbs = config.bn_virtual_batch_size
-  if vbs and (vbs < 2 or config.batch_size % vbs):
-    raise ConfigError(
-      f'config.bn_virtual_batch_size={vbs} must be at least 2 and divide '
-      f'config.batch_size={config.batch_size} (0 turns ghost batch norm off).'
-    )
-  if (vbs or config.bn_renorm_rmax) and config.norm != 'jaxbn':
-    raise ConfigError("Ghost BN and batch renormalization need config.norm='jaxbn'.")
-  if config.bn_renorm_rmax and (config.bn_renorm_rmax < 1 or config.bn_renorm_dmax < 0):
-    raise ConfigError('Batch renormalization needs bn_renorm_rmax >= 1 and bn_renorm_dmax >= 0.')
-  if config.bn_momentum is not None and not 0.0 <= config.bn_momentum <= 1.0:
-    raise ConfigError(f'config.bn_momentum={config.bn_momentum} must be in [0, 1].')
-  if config.bn_stats not in parallel.BN_STATS:
-    raise ConfigError(
-      f'config.bn_stats={config.bn_stats!r} is unknown: use one of {parallel.BN_STATS}.'
-    )
-
-
-def _steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
-  """The largest divisor of ``steps_per_epoch`` not above ``wanted`` (0: the whole epoch)."""
-  if wanted <= 0 or wanted >= steps_per_epoch:
-    return steps_per_epoch
-  return max(d for d in range(1, wanted + 1) if steps_per_epoch % d == 0)
 
 
 @jax.jit
@@ -130,26 +82,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     ``examples_per_sec``, ``compile_seconds``).
 
   Raises:
-    ConfigError, data.DataNotFoundError, workdir.WorkdirError: bad input.
+    settings.ConfigError, data.DataNotFoundError, workdir.WorkdirError: bad input.
     FloatingPointError: the loss or the parameters stopped being finite;
       the last good checkpoint and metrics are kept.
   """
-  validate_config(config)
   # Data parallelism (jaxbn.parallel): a 'data' mesh over the devices of all processes.
   parallel.initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
-  if config.batch_size % mesh.size:
-    raise ConfigError(
-      f'config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices: '
-      f'each takes an equal block of the global batch. Use a multiple of {mesh.size}.'
-    )
-  vbs, per_device = config.bn_virtual_batch_size, config.batch_size // mesh.size
-  if vbs and per_device % vbs:
-    raise ConfigError(
-      f'config.bn_virtual_batch_size={vbs} does not divide the {per_device} examples that '
-      f'each of the {mesh.size} devices normalises (config.batch_size={config.batch_size}): '
-      'use a divisor of batch_size / devices.'
-    )
+  settings.validate_config(config, num_devices=mesh.size)
   # The start-up settings (process_id differs between processes) are not part of the run.
   run_config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != 'distributed'})
   workdir = workdir_lib.prepare(workdir, run_config, write=jax.process_index() == 0)
@@ -158,15 +98,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     config.data.data_dir or None, config.data.idx_dir or None, config.data.download
   ).subset(config.data.num_train, config.data.num_test)
   num_train = len(dataset.train_labels)
-  if config.batch_size > num_train:
-    raise ConfigError(
-      f'config.batch_size={config.batch_size} is larger than the {num_train} training '
-      'examples: lower it or use more data (config.data.num_train=0 takes all).'
-    )
   print(f'data: {num_train} train / {len(dataset.test_labels)} test examples from {dataset.source}')
 
   init_rng, shuffle_rng = jax.random.split(jax.random.key(config.seed))
-  state = training.create_train_state(config, init_rng)
+  model = settings.build_model(config, parallel.bn_axis_name(mesh, config.bn.stats))
+  state = steps.create_train_state(init_rng, model, config.learning_rate)
   checkpoints = workdir_lib.Checkpoints(workdir)
   start_epoch, state, skipped = checkpoints.restore_latest(state)
   for reason in skipped:
@@ -178,24 +114,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state, train_images, train_labels = parallel.replicate(
     mesh, (state, dataset.train_images, dataset.train_labels)
   )
-  test_batches = parallel.shard_eval_batches(
-    mesh, *training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+  test_batches = steps.pad_and_batch(
+    dataset.test_images, dataset.test_labels, config.eval_batch_size, num_shards=mesh.size
   )
+  test_batches = parallel.shard(mesh, test_batches, axis=1)
   steps_per_epoch = num_train // config.batch_size
-  chunk = _steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
+  chunk = steps.steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
   indices_shape = jax.ShapeDtypeStruct(
     (chunk, config.batch_size), jnp.int32, sharding=parallel.replicated(mesh)
   )
 
   start = time.perf_counter()
   train_chunk = (
-    parallel.make_train_steps(state.apply_fn, mesh, config.bn_stats)
+    parallel.make_train_steps(mesh, config.bn.stats)
     .lower(state, train_images, train_labels, indices_shape)
     .compile()
   )
-  evaluate = jax.jit(training.evaluate).lower(state, *test_batches).compile()
+  evaluate = jax.jit(steps.evaluate).lower(state, *test_batches).compile()
   shuffle = jax.jit(
-    training.shuffled_batches, static_argnums=(1, 2), out_shardings=parallel.replicated(mesh)
+    steps.shuffled_batches, static_argnums=(1, 2), out_shardings=parallel.replicated(mesh)
   )
   compile_seconds = time.perf_counter() - start
   print(f'compiled in {compile_seconds:.1f} s on {device}; {steps_per_epoch} steps per epoch')
@@ -224,15 +161,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     start = time.perf_counter()
     extra = {}
-    if config.precise_bn_examples:
-      # Evaluate the running averages too, then replace them by precise ones.
+    if config.bn.precise_examples:
+      # Evaluate the running averages too, then replace them by precise ones,
+      # computed on whole batches outside shard_map: the model without the
+      # mesh's axis name.
       extra['test_accuracy_running'] = float(evaluate(state, *test_batches)['accuracy'])
       state = state.replace(
         batch_stats=precise.precise_batch_stats(
-          state.apply_fn,
+          settings.build_model(config).apply,
           state.params,
           state.batch_stats,
-          train_images[: config.precise_bn_examples],
+          train_images[: config.bn.precise_examples],
           config.batch_size,
           train=True,
         )
