@@ -59,9 +59,12 @@ def main(argv):
   print(f'config {config_path}, workdir {run_dir}')
   try:
     trainer.train_and_evaluate(FLAGS.config, run_dir)
-  except (settings.ConfigError, data.DataNotFoundError, workdir.WorkdirError) as e:
-    sys.exit(f'error: {e}')
-  except FloatingPointError as e:
+  except (
+    settings.ConfigError,
+    data.DataNotFoundError,
+    workdir.WorkdirError,
+    FloatingPointError,
+  ) as e:
     sys.exit(f'error: {e}')
 
 
