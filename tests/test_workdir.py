@@ -19,6 +19,10 @@ def test_workdir_refuses_another_config_but_accepts_more_epochs(tmp_path):
   workdir.prepare(tmp_path, tiny_config(num_epochs=20))  # resuming for longer is fine
   with pytest.raises(workdir.WorkdirError, match=r'learning_rate: 1.0 -> 0.5'):
     workdir.prepare(tmp_path, tiny_config(learning_rate=0.5))
+  changed = tiny_config()
+  changed.bn.momentum = None
+  with pytest.raises(workdir.WorkdirError, match=r'\(bn.momentum: 0.9 -> None\)'):
+    workdir.prepare(tmp_path, changed)
   assert json.loads((tmp_path / 'config.json').read_text())['num_epochs'] == 20
 
 
