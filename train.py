@@ -3,15 +3,20 @@ r"""Trains LeNet with batch norm on Fashion-MNIST (Dive into Deep Learning, batc
 Usage:
   python train.py --config configs/lenet_bn.py [--workdir DIR] [--config.FIELD=VALUE ...]
 
-Configs: configs/lenet_bn.py (from-scratch BN, lr 1.0), configs/lenet_bn_flax.py
-(flax.linen.BatchNorm), configs/lenet.py (no BN, lr 0.9). Examples:
+Configs: configs/lenet_bn.py (from-scratch BN, lr 1.0; its comments describe every
+field), configs/lenet_bn_flax.py (flax.linen.BatchNorm), configs/lenet.py (no BN, lr 0.9),
+configs/lenet_bn_precise.py, configs/lenet_bn_per_device.py. Examples:
   python train.py --config configs/lenet_bn.py --config.num_epochs=2 --config.seed=1
   python train.py --config configs/lenet_bn.py --workdir runs/a   # rerun to resume
+  python train.py --config configs/lenet_bn.py --config.bn.momentum=None  # cumulative average
+  python train.py --config configs/lenet_bn.py --config.bn.virtual_batch_size=32  # ghost BN
 
 The workdir (default workdirs/<config>-<time>) receives config.json, metrics.jsonl,
 curves.png and orbax checkpoints; rerunning with the same --workdir and config
 resumes from the last checkpoint. Trains data-parallel on all devices JAX finds
-(GPUs if any; several hosts with --config.distributed.coordinator_address).
+(GPUs if any; several hosts with --config.distributed.coordinator_address), with BN
+statistics over the global batch (--config.bn.stats=global) or each device's block
+(--config.bn.stats=per_device).
 """
 
 import pathlib
@@ -22,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxbn import data, trainer, workdir
+from jaxbn import data, settings, trainer, workdir
 
 config_flags.DEFINE_config_file(
   'config',
@@ -54,9 +59,12 @@ def main(argv):
   print(f'config {config_path}, workdir {run_dir}')
   try:
     trainer.train_and_evaluate(FLAGS.config, run_dir)
-  except (trainer.ConfigError, data.DataNotFoundError, workdir.WorkdirError) as e:
-    sys.exit(f'error: {e}')
-  except FloatingPointError as e:
+  except (
+    settings.ConfigError,
+    data.DataNotFoundError,
+    workdir.WorkdirError,
+    FloatingPointError,
+  ) as e:
     sys.exit(f'error: {e}')
 
 

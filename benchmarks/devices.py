@@ -31,7 +31,7 @@ def measure(batch_size: int, steps: int, repeats: int) -> dict[str, float]:
   import numpy as np
 
   from configs import lenet_bn
-  from jaxbn import parallel, training
+  from jaxbn import parallel, settings, steps
 
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
@@ -47,9 +47,11 @@ def measure(batch_size: int, steps: int, repeats: int) -> dict[str, float]:
   indices = [indices[i * batch_size : (i + 1) * batch_size][None] for i in range(steps)]
   runs = {}
   for mode in MODES:
-    state = training.create_train_state(lenet_bn.get_config(), jax.random.key(0))
+    config = lenet_bn.get_config()
+    model = settings.build_model(config, parallel.bn_axis_name(mesh, mode))
+    state = steps.create_train_state(jax.random.key(0), model, config.learning_rate)
     state = parallel.replicate(mesh, state)
-    train_steps = parallel.make_train_steps(state.apply_fn, mesh, mode)
+    train_steps = parallel.make_train_steps(mesh, mode)
     state, _ = train_steps(state, images, labels, indices[0])  # compiles
     runs[mode] = [train_steps, jax.block_until_ready(state)]
 

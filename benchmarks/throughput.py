@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # for the configs/ package
 
 from configs import lenet_bn  # noqa: E402
 from jaxbn import data as data_lib  # noqa: E402
-from jaxbn import trainer, training  # noqa: E402
+from jaxbn import parallel, settings, steps  # noqa: E402
 
 JAX_NORMS = ('jaxbn', 'flax', 'none')
 REFERENCE = 'torch nn.BatchNorm'
@@ -85,29 +85,30 @@ class JaxVariant:
     config.norm = norm
     config.batch_size = batch_size
     self.batch_size = batch_size
-    self.state = training.create_train_state(config, jax.random.key(config.seed))
+    model = settings.build_model(config)
+    self.state = steps.create_train_state(jax.random.key(config.seed), model, config.learning_rate)
     self.images, self.labels = jax.device_put((dataset.train_images, dataset.train_labels))
     steps_per_epoch = len(dataset.train_labels) // batch_size
-    self.chunk = trainer._steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
+    self.chunk = steps.steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
     indices = jax.ShapeDtypeStruct((self.chunk, batch_size), jnp.int32)
     start = time.perf_counter()
     self.train = (
-      jax.jit(training.train_steps, donate_argnums=0)
+      parallel.make_train_steps(parallel.make_mesh(jax.devices()[:1]))
       .lower(self.state, self.images, self.labels, indices)
       .compile()
     )
     self.compile_seconds = time.perf_counter() - start
     self.test = jax.device_put(
-      training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
+      steps.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
     )
-    self.evaluate = jax.jit(training.evaluate).lower(self.state, *self.test).compile()
+    self.evaluate = jax.jit(steps.evaluate).lower(self.state, *self.test).compile()
     self.rng = jax.random.key(config.seed)
 
-  def run(self, steps: int) -> tuple[float, int]:
-    """Trains ``steps`` steps, rounded up to whole dispatches; returns (wall seconds, steps)."""
+  def run(self, num_steps: int) -> tuple[float, int]:
+    """Trains ``num_steps`` steps, rounded up to whole dispatches; returns (wall seconds, steps)."""
     self.rng, rng = jax.random.split(self.rng)
-    dispatches = -(-steps // self.chunk)
-    batches = training.shuffled_batches(rng, len(self.labels), self.batch_size)
+    dispatches = -(-num_steps // self.chunk)
+    batches = steps.shuffled_batches(rng, len(self.labels), self.batch_size)
     batches = batches[: dispatches * self.chunk].reshape(dispatches, self.chunk, -1)
     jax.block_until_ready(batches)
     start = time.perf_counter()
@@ -145,15 +146,15 @@ class TorchVariant:
     self.test_images = torch_lenet.to_nchw(dataset.test_images)
     self.batch_size = batch_size
 
-  def run(self, steps: int) -> tuple[float, int]:
-    """Trains ``steps`` steps; returns (wall seconds, steps)."""
+  def run(self, num_steps: int) -> tuple[float, int]:
+    """Trains ``num_steps`` steps; returns (wall seconds, steps)."""
     order = self.torch.randperm(len(self.labels))
-    batches = order[: steps * self.batch_size].reshape(steps, self.batch_size)
+    batches = order[: num_steps * self.batch_size].reshape(num_steps, self.batch_size)
     self.trainer.net.train()
     start = time.perf_counter()
     for idx in batches:
       self.trainer.step(self.images[idx], self.labels[idx])
-    return time.perf_counter() - start, steps
+    return time.perf_counter() - start, num_steps
 
   def eval_seconds(self) -> float:
     """``d2l.evaluate_accuracy_gpu``'s forward passes over the test set in batches."""

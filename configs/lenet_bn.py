@@ -3,8 +3,9 @@ r"""LeNet with from-scratch batch norm (jaxbn.BatchNorm), as D2L's chapter train
   python train.py --config configs/lenet_bn.py
   python train.py --config configs/lenet_bn.py --config.num_epochs=2 --workdir /tmp/run
 
-Every field can be overridden as --config.FIELD=VALUE (--config.data.num_train=1024);
-an unknown field is an error.
+Every field can be overridden as --config.FIELD=VALUE (--config.data.num_train=1024,
+--config.bn.momentum=None); an unknown field is an error, and jaxbn.settings.validate_config
+checks the values before the run starts.
 """
 
 import ml_collections
@@ -12,28 +13,39 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = 'lenet'
-  # 'jaxbn' (from scratch), 'flax' (flax.linen.BatchNorm) or 'none' (plain LeNet).
+  # The BN layer: 'jaxbn' (from scratch), 'flax' (flax.linen.BatchNorm) or 'none' (plain LeNet).
   config.norm = 'jaxbn'
-  # Decay of the running averages: ra = momentum * ra + (1 - momentum) * batch.
-  config.bn_momentum = 0.9
-  config.bn_epsilon = 1e-5
-  # Ghost batch norm: normalise each run of this many examples on its own (0: off).
-  config.bn_virtual_batch_size = 0
-  # Batch renormalization (Ioffe, 2017): r clipped to [1/rmax, rmax], d to
+  # Convolution and max-pool: 'standard' (Flax's), 'banded' (jaxbn.kernels' XLA:CPU
+  # forms) or 'auto' (banded on CPU).
+  config.conv_impl = 'auto'
+
+  config.bn = ml_collections.ConfigDict()
+  # Decay of the running averages: ra = momentum * ra + (1 - momentum) * batch;
+  # None: the cumulative average of all batches (--config.bn.momentum=None; jaxbn
+  # only). Typed as object so that the command line accepts None as well as numbers.
+  config.bn.momentum = ml_collections.FieldReference(0.9, field_type=object)
+  config.bn.epsilon = 1e-5
+  # Ghost batch norm: normalise each run of this many examples on its own (0: off;
+  # jaxbn only).
+  config.bn.virtual_batch_size = 0
+  # Batch renormalization (Ioffe, 2017; jaxbn only): r clipped to [1/rmax, rmax], d to
   # [-dmax, dmax], widened from (1, 0) over the warm-up steps (rmax 0: off).
-  config.bn_renorm_rmax = 0.0
-  config.bn_renorm_dmax = 0.0
-  config.bn_renorm_warmup_steps = 0
+  config.bn.renorm_rmax = 0.0
+  config.bn.renorm_dmax = 0.0
+  config.bn.renorm_warmup_steps = 0
+  # On several devices (jaxbn.parallel), batch statistics over 'global': the whole
+  # global batch (synchronized BN), or 'per_device': each device's block on its own
+  # (as ghost BN does).
+  config.bn.stats = 'global'
+  # Precise BN: after each epoch, replace the running averages by the average
+  # batch statistics over this many training examples (0: keep the running averages).
+  config.bn.precise_examples = 0
 
   config.learning_rate = 1.0
+  # The global batch: on several devices each takes an equal block of it.
   config.batch_size = 256
   config.num_epochs = 10
   config.seed = 0
-
-  # Precise BN: after each epoch, replace the running averages by the average
-  # batch statistics over this many training examples (0: keep the EMAs).
-  config.precise_bn_examples = 0
 
   # Training steps compiled into one lax.scan call (rounded down to a divisor
   # of the steps per epoch: 26 of 234; 0: a whole epoch per call). 1
@@ -43,11 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 2000
   config.progress_bar = True
 
-  # Data parallelism over all devices (jaxbn.parallel); batch_size is the
-  # global batch and must be divisible by the number of devices.
-  # 'global': batch statistics over the whole global batch (synchronized BN);
-  # 'per_device': each device normalises its own shard (as ghost BN does).
-  config.bn_stats = 'global'
   # Multi-host start-up (jax.distributed.initialize). coordinator_address:
   # '' = one process; 'host:port' of process 0; 'auto' = let JAX detect the
   # cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). num_processes 0 and

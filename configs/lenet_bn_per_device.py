@@ -3,7 +3,7 @@ r"""LeNet-BN on several devices, each normalising its own block of the batch.
   python train.py --config configs/lenet_bn_per_device.py
 
 The global batch (batch_size, divisible by the number of devices) is split
-into one block per device; with bn_stats='per_device' every BN layer
+into one block per device; with bn.stats='per_device' every BN layer
 normalises each block with that block's statistics (as ghost BN does) instead
 of the whole batch's, and the devices' running averages are averaged. On one
 device it trains exactly as configs/lenet_bn.py. To try it on CPU:
@@ -17,5 +17,5 @@ from configs import lenet_bn
 
 def get_config():
   config = lenet_bn.get_config()
-  config.bn_stats = 'per_device'
+  config.bn.stats = 'per_device'
   return config

@@ -13,5 +13,5 @@ from configs import lenet_bn
 
 def get_config():
   config = lenet_bn.get_config()
-  config.precise_bn_examples = 60000
+  config.bn.precise_examples = 60000
   return config

@@ -38,7 +38,7 @@ def batch_size_runs(epochs):
     if batch < 256:
       yield (
         f'ghost-v{batch}',
-        {**base, 'learning_rate': 1.0, 'batch_size': 256, 'bn_virtual_batch_size': batch},
+        {**base, 'learning_rate': 1.0, 'batch_size': 256, 'bn.virtual_batch_size': batch},
       )
     warmup = 60000 // batch
     yield (
@@ -46,9 +46,9 @@ def batch_size_runs(epochs):
       {
         **base,
         'batch_size': batch,
-        'bn_renorm_rmax': 3.0,
-        'bn_renorm_dmax': 5.0,
-        'bn_renorm_warmup_steps': warmup,
+        'bn.renorm_rmax': 3.0,
+        'bn.renorm_dmax': 5.0,
+        'bn.renorm_warmup_steps': warmup,
       },
     )
 

@@ -30,6 +30,7 @@ import numpy as np
 
 DEBIAN_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 NUM_CLASSES = 10
+NUM_TRAIN, NUM_TEST = 60000, 10000
 CACHE_NAME = 'jaxbn/fashion_mnist.npz'
 
 # SHA-256 of the decompressed IDX files: the bytes of the data set itself,
@@ -166,10 +167,10 @@ def _read_cache(path: pathlib.Path) -> dict[str, np.ndarray]:
   with np.load(path) as npz:
     arrays = {k: npz[k] for k in npz.files}
   expected = {
-    'train_images': (60000, 28, 28),
-    'train_labels': (60000,),
-    'test_images': (10000, 28, 28),
-    'test_labels': (10000,),
+    'train_images': (NUM_TRAIN, 28, 28),
+    'train_labels': (NUM_TRAIN,),
+    'test_images': (NUM_TEST, 28, 28),
+    'test_labels': (NUM_TEST,),
   }
   got = {k: v.shape for k, v in arrays.items()}
   if got != expected:

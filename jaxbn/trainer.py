@@ -1,7 +1,14 @@
-"""`train_and_evaluate(config, workdir)`: the whole run, as `train.py` starts it."""
+"""`train_and_evaluate(config, workdir)`: the whole run, as `train.py` starts it.
+
+`_setup` checks the config and prepares everything the epochs use (mesh,
+workdir, data, model, state restored from the last checkpoint, compiled
+functions); each epoch is `_train_epoch` then `_evaluate`, recorded by
+`_record`; `_summarize` prints the chapter's closing lines.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import time
@@ -14,56 +21,204 @@ import numpy as np
 import tqdm
 
 from jaxbn import data as data_lib
-from jaxbn import models, parallel, precise, training
+from jaxbn import models, parallel, precise, settings, steps
 from jaxbn import workdir as workdir_lib
 
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field and a fix."""
+Record = dict[str, Any]
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` for values that cannot train, before any work is done."""
-  if config.model != 'lenet':
-    raise ConfigError(f"config.model={config.model!r} is unknown: use 'lenet'.")
-  if config.norm not in models.NORMS:
-    raise ConfigError(f'config.norm={config.norm!r} is unknown: use one of {models.NORMS}.')
-  for field in ('learning_rate', 'batch_size', 'num_epochs', 'eval_batch_size'):
-    if not config[field] > 0:
-      raise ConfigError(f'config.{field}={config[field]!r} must be positive.')
-  for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'steps_per_dispatch'):
-    if not isinstance(config[field], int):
-      raise ConfigError(f'config.{field}={config[field]!r} must be an integer.')
-  if config.batch_size == 1 and config.norm != 'none':
-    raise ConfigError(
-      'config.batch_size=1 with batch norm: the dense layers would normalise a single '
-      "value per feature and learn nothing. Use batch_size >= 2 or norm='none'."
+@dataclasses.dataclass
+class _Run:
+  """What `_setup` prepares for the epochs; fixed for the whole run."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  device: str  # the mesh, in words
+  checkpoints: workdir_lib.Checkpoints
+  train_images: jax.Array  # replicated
+  train_labels: jax.Array
+  test_batches: tuple[jax.Array, ...]  # `steps.pad_and_batch`'s, sharded
+  shuffle_rng: jax.Array
+  steps_per_epoch: int
+  chunk: int  # steps per dispatch
+  shuffle: Any  # jitted `steps.shuffled_batches`
+  # Set by `_compile`:
+  train_chunk: Any = None  # `steps.train_steps` over the mesh, for `chunk` steps
+  evaluate: Any = None  # `steps.evaluate` of the test batches
+  compile_seconds: float = 0.0
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains and evaluates ``config`` for ``config.num_epochs``, writing into ``workdir``.
+
+  Resumes from the newest checkpoint in ``workdir`` if there is one. Prints
+  one line per epoch and the chapter's summary at the end.
+
+  Returns:
+    A dict with the final ``state``, the per-epoch ``records`` and the
+    summary figures (``train_loss``, ``train_accuracy``, ``test_accuracy``,
+    ``examples_per_sec``, ``compile_seconds``).
+
+  Raises:
+    settings.ConfigError, data.DataNotFoundError, workdir.WorkdirError: bad input.
+    FloatingPointError: the loss or the parameters stopped being finite;
+      the last good checkpoint and metrics are kept.
+  """
+  run, state, start_epoch = _setup(config, workdir)
+  records = workdir_lib.read_metrics(run.workdir)[:start_epoch]
+  for epoch in range(start_epoch + 1, config.num_epochs + 1):
+    state, train = _train_epoch(run, state, epoch)
+    state, test = _evaluate(run, state)
+    records.append({'epoch': epoch, **train, **test})
+    _record(run, state, records)
+  run.checkpoints.close()
+  return _summarize(run, state, records)
+
+
+def _setup(config, workdir) -> tuple[_Run, steps.TrainState, int]:
+  """The run's mesh, workdir, data, model, compiled steps, and the state to start from."""
+  parallel.initialize_distributed(config.distributed)
+  mesh = parallel.make_mesh()
+  settings.validate_config(config, num_devices=mesh.size)
+  # The start-up settings (process_id differs between processes) are not part of the run.
+  run_config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != 'distributed'})
+  workdir = workdir_lib.prepare(workdir, run_config, write=jax.process_index() == 0)
+  dataset = data_lib.load_fashion_mnist(
+    config.data.data_dir or None, config.data.idx_dir or None, config.data.download
+  ).subset(config.data.num_train, config.data.num_test)
+  num_train = len(dataset.train_labels)
+  print(f'data: {num_train} train / {len(dataset.test_labels)} test examples from {dataset.source}')
+
+  model = settings.build_model(config, parallel.bn_axis_name(mesh, config.bn.stats))
+  init_rng, shuffle_rng = jax.random.split(jax.random.key(config.seed))
+  state = steps.create_train_state(init_rng, model, config.learning_rate)
+  checkpoints = workdir_lib.Checkpoints(workdir)
+  start_epoch, state, skipped = checkpoints.restore_latest(state)
+  for reason in skipped:
+    print(f'skipped unreadable {reason}')
+  if start_epoch:
+    print(f'resuming {workdir} after epoch {start_epoch}')
+
+  state, train_images, train_labels = parallel.replicate(
+    mesh, (state, dataset.train_images, dataset.train_labels)
+  )
+  test_batches = steps.pad_and_batch(
+    dataset.test_images, dataset.test_labels, config.eval_batch_size, num_shards=mesh.size
+  )
+  steps_per_epoch = num_train // config.batch_size
+  run = _Run(
+    config=config,
+    workdir=workdir,
+    device=parallel.describe(mesh),
+    checkpoints=checkpoints,
+    train_images=train_images,
+    train_labels=train_labels,
+    test_batches=parallel.shard(mesh, test_batches, axis=1),
+    shuffle_rng=shuffle_rng,
+    steps_per_epoch=steps_per_epoch,
+    chunk=steps.steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch),
+    shuffle=jax.jit(
+      steps.shuffled_batches, static_argnums=(1, 2), out_shardings=parallel.replicated(mesh)
+    ),
+  )
+  _compile(run, mesh, state)
+  print(
+    f'compiled in {run.compile_seconds:.1f} s on {run.device}; {steps_per_epoch} steps per epoch'
+  )
+  return run, state, start_epoch
+
+
+def _compile(run: _Run, mesh: jax.sharding.Mesh, state: steps.TrainState) -> None:
+  """Compiles the run's train chunk and evaluation before the first epoch, timed."""
+  start = time.perf_counter()
+  indices = jax.ShapeDtypeStruct(
+    (run.chunk, run.config.batch_size), jnp.int32, sharding=parallel.replicated(mesh)
+  )
+  run.train_chunk = (
+    parallel.make_train_steps(mesh, run.config.bn.stats)
+    .lower(state, run.train_images, run.train_labels, indices)
+    .compile()
+  )
+  run.evaluate = jax.jit(steps.evaluate).lower(state, *run.test_batches).compile()
+  run.compile_seconds = time.perf_counter() - start
+
+
+def _train_epoch(run: _Run, state: steps.TrainState, epoch: int) -> tuple[steps.TrainState, Record]:
+  """One epoch of full shuffled batches; returns the state and the epoch's training figures."""
+  config = run.config
+  batches = run.shuffle(
+    jax.random.fold_in(run.shuffle_rng, epoch), len(run.train_labels), config.batch_size
+  )
+  batches = batches.reshape(-1, run.chunk, config.batch_size)
+  meter = _EpochMeter(epoch, config, run.steps_per_epoch, run.workdir)
+  start = time.perf_counter()
+  # Chunk c + 1 is queued before chunk c's metrics are read, so the device
+  # never waits for the host.
+  pending = None
+  for c in range(len(batches)):
+    state, metrics = run.train_chunk(state, run.train_images, run.train_labels, batches[c])
+    if pending is not None:
+      meter.add(*pending)
+    pending = (metrics, c * run.chunk)
+  meter.add(*pending)
+  seconds = time.perf_counter() - start
+  meter.bar.close()
+  if not bool(_all_finite(state.params)):
+    raise FloatingPointError(
+      f'The parameters stopped being finite in epoch {epoch}. Stopped; '
+      f'{_kept(epoch, run.workdir)} Try a lower learning_rate.'
     )
-  if config.precise_bn_examples and config.norm == 'none':
-    raise ConfigError("config.precise_bn_examples needs batch norm: set it to 0 for norm='none'.")
-  vbs = config.bn_virtual_batch_size
-  if vbs and (vbs < 2 or config.batch_size % vbs):
-    raise ConfigError(
-      f'config.bn_virtual_batch_size={vbs} must be at least 2 and divide '
-      f'config.batch_size={config.batch_size} (0 turns ghost batch norm off).'
-    )
-  if (vbs or config.bn_renorm_rmax) and config.norm != 'jaxbn':
-    raise ConfigError("Ghost BN and batch renormalization need config.norm='jaxbn'.")
-  if config.bn_renorm_rmax and (config.bn_renorm_rmax < 1 or config.bn_renorm_dmax < 0):
-    raise ConfigError('Batch renormalization needs bn_renorm_rmax >= 1 and bn_renorm_dmax >= 0.')
-  if config.bn_momentum is not None and not 0.0 <= config.bn_momentum <= 1.0:
-    raise ConfigError(f'config.bn_momentum={config.bn_momentum} must be in [0, 1].')
-  if config.bn_stats not in parallel.BN_STATS:
-    raise ConfigError(
-      f'config.bn_stats={config.bn_stats!r} is unknown: use one of {parallel.BN_STATS}.'
-    )
+  examples = run.steps_per_epoch * config.batch_size
+  return state, {
+    'train_loss': meter.mean('loss'),
+    'train_accuracy': meter.mean('accuracy'),
+    'train_examples': examples,
+    'train_seconds': seconds,
+    'examples_per_sec': examples / seconds,
+  }
 
 
-def _steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
-  """The largest divisor of ``steps_per_epoch`` not above ``wanted`` (0: the whole epoch)."""
-  if wanted <= 0 or wanted >= steps_per_epoch:
-    return steps_per_epoch
-  return max(d for d in range(1, wanted + 1) if steps_per_epoch % d == 0)
+def _evaluate(run: _Run, state: steps.TrainState) -> tuple[steps.TrainState, Record]:
+  """Test loss and accuracy, with precise BN statistics if ``config.bn.precise_examples``.
+
+  Precise statistics replace the running averages in the returned state;
+  the accuracy with the running averages is then ``test_accuracy_running``.
+  """
+  start = time.perf_counter()
+  record = {}
+  if run.config.bn.precise_examples:
+    record['test_accuracy_running'] = float(run.evaluate(state, *run.test_batches)['accuracy'])
+    # Computed on whole batches outside shard_map: the model without the mesh's axis name.
+    batch_stats = precise.precise_batch_stats(
+      settings.build_model(run.config).apply,
+      state.params,
+      state.batch_stats,
+      run.train_images[: run.config.bn.precise_examples],
+      run.config.batch_size,
+      train=True,
+    )
+    state = state.replace(batch_stats=batch_stats)
+  test = jax.device_get(run.evaluate(state, *run.test_batches))
+  record.update(test_loss=float(test['loss']), test_accuracy=float(test['accuracy']))
+  record['eval_seconds'] = time.perf_counter() - start
+  return state, record
+
+
+def _record(run: _Run, state: steps.TrainState, records: list[Record]) -> None:
+  """Saves the checkpoint, metrics and curves of the last epoch, and prints its line."""
+  config, record = run.config, records[-1]
+  run.checkpoints.save(record['epoch'], state)
+  if jax.process_index() == 0:  # orbax coordinates the processes' checkpoints itself
+    workdir_lib.write_metrics(run.workdir, records)
+    workdir_lib.plot_curves(
+      run.workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
+    )
+  print(
+    f'epoch {record["epoch"]:>{len(str(config.num_epochs))}}/{config.num_epochs}  '
+    f'loss {record["train_loss"]:.3f}  train acc {record["train_accuracy"]:.3f}  '
+    f'test acc {record["test_accuracy"]:.3f}  {record["examples_per_sec"]:,.0f} examples/s',
+    flush=True,
+  )
 
 
 @jax.jit
@@ -99,7 +254,7 @@ class _EpochMeter:
     metrics = jax.device_get(metrics)
     bad = np.flatnonzero(~np.isfinite(metrics['loss']))
     if bad.size:
-      self.close()
+      self.bar.close()
       raise FloatingPointError(
         f'The loss became {metrics["loss"][bad[0]]} at epoch {self.epoch}, step '
         f'{first_step + bad[0] + 1} of {self.steps_per_epoch}. Stopped; '
@@ -114,178 +269,23 @@ class _EpochMeter:
   def mean(self, key: str) -> float:
     return self.sums[key] / max(self.steps, 1)
 
-  def close(self) -> None:
-    self.bar.close()
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains and evaluates ``config`` for ``config.num_epochs``, writing into ``workdir``.
-
-  Resumes from the newest checkpoint in ``workdir`` if there is one. Prints
-  one line per epoch and the chapter's summary at the end.
-
-  Returns:
-    A dict with the final ``state``, the per-epoch ``records`` and the
-    summary figures (``train_loss``, ``train_accuracy``, ``test_accuracy``,
-    ``examples_per_sec``, ``compile_seconds``).
-
-  Raises:
-    ConfigError, data.DataNotFoundError, workdir.WorkdirError: bad input.
-    FloatingPointError: the loss or the parameters stopped being finite;
-      the last good checkpoint and metrics are kept.
-  """
-  validate_config(config)
-  # Data parallelism (jaxbn.parallel): a 'data' mesh over the devices of all processes.
-  parallel.initialize_distributed(config.distributed)
-  mesh = parallel.make_mesh()
-  if config.batch_size % mesh.size:
-    raise ConfigError(
-      f'config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices: '
-      f'each takes an equal block of the global batch. Use a multiple of {mesh.size}.'
-    )
-  vbs, per_device = config.bn_virtual_batch_size, config.batch_size // mesh.size
-  if vbs and per_device % vbs:
-    raise ConfigError(
-      f'config.bn_virtual_batch_size={vbs} does not divide the {per_device} examples that '
-      f'each of the {mesh.size} devices normalises (config.batch_size={config.batch_size}): '
-      'use a divisor of batch_size / devices.'
-    )
-  # The start-up settings (process_id differs between processes) are not part of the run.
-  run_config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != 'distributed'})
-  workdir = workdir_lib.prepare(workdir, run_config, write=jax.process_index() == 0)
-  device = parallel.describe(mesh)
-  dataset = data_lib.load_fashion_mnist(
-    config.data.data_dir or None, config.data.idx_dir or None, config.data.download
-  ).subset(config.data.num_train, config.data.num_test)
-  num_train = len(dataset.train_labels)
-  if config.batch_size > num_train:
-    raise ConfigError(
-      f'config.batch_size={config.batch_size} is larger than the {num_train} training '
-      'examples: lower it or use more data (config.data.num_train=0 takes all).'
-    )
-  print(f'data: {num_train} train / {len(dataset.test_labels)} test examples from {dataset.source}')
-
-  init_rng, shuffle_rng = jax.random.split(jax.random.key(config.seed))
-  state = training.create_train_state(config, init_rng)
-  checkpoints = workdir_lib.Checkpoints(workdir)
-  start_epoch, state, skipped = checkpoints.restore_latest(state)
-  for reason in skipped:
-    print(f'skipped unreadable {reason}')
-  records = workdir_lib.read_metrics(workdir)[:start_epoch]
-  if start_epoch:
-    print(f'resuming {workdir} after epoch {start_epoch}')
-
-  state, train_images, train_labels = parallel.replicate(
-    mesh, (state, dataset.train_images, dataset.train_labels)
-  )
-  test_batches = parallel.shard_eval_batches(
-    mesh, *training.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
-  )
-  steps_per_epoch = num_train // config.batch_size
-  chunk = _steps_per_dispatch(steps_per_epoch, config.steps_per_dispatch)
-  indices_shape = jax.ShapeDtypeStruct(
-    (chunk, config.batch_size), jnp.int32, sharding=parallel.replicated(mesh)
-  )
-
-  start = time.perf_counter()
-  train_chunk = (
-    parallel.make_train_steps(state.apply_fn, mesh, config.bn_stats)
-    .lower(state, train_images, train_labels, indices_shape)
-    .compile()
-  )
-  evaluate = jax.jit(training.evaluate).lower(state, *test_batches).compile()
-  shuffle = jax.jit(
-    training.shuffled_batches, static_argnums=(1, 2), out_shardings=parallel.replicated(mesh)
-  )
-  compile_seconds = time.perf_counter() - start
-  print(f'compiled in {compile_seconds:.1f} s on {device}; {steps_per_epoch} steps per epoch')
-
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    batches = shuffle(jax.random.fold_in(shuffle_rng, epoch), num_train, config.batch_size)
-    batches = batches.reshape(-1, chunk, config.batch_size)
-    meter = _EpochMeter(epoch, config, steps_per_epoch, workdir)
-    start = time.perf_counter()
-    # Chunk c + 1 is queued before chunk c's metrics are read, so the device
-    # never waits for the host.
-    pending = None
-    for c in range(len(batches)):
-      state, metrics = train_chunk(state, train_images, train_labels, batches[c])
-      if pending is not None:
-        meter.add(*pending)
-      pending = (metrics, c * chunk)
-    meter.add(*pending)
-    train_seconds = time.perf_counter() - start
-    meter.close()
-    if not bool(_all_finite(state.params)):
-      raise FloatingPointError(
-        f'The parameters stopped being finite in epoch {epoch}. Stopped; '
-        f'{_kept(epoch, workdir)} Try a lower learning_rate.'
-      )
-
-    start = time.perf_counter()
-    extra = {}
-    if config.precise_bn_examples:
-      # Evaluate the running averages too, then replace them by precise ones.
-      extra['test_accuracy_running'] = float(evaluate(state, *test_batches)['accuracy'])
-      state = state.replace(
-        batch_stats=precise.precise_batch_stats(
-          state.apply_fn,
-          state.params,
-          state.batch_stats,
-          train_images[: config.precise_bn_examples],
-          config.batch_size,
-          train=True,
-        )
-      )
-    test = jax.device_get(evaluate(state, *test_batches))
-    record = {
-      'epoch': epoch,
-      'train_loss': meter.mean('loss'),
-      'train_accuracy': meter.mean('accuracy'),
-      'test_loss': float(test['loss']),
-      'test_accuracy': float(test['accuracy']),
-      'train_examples': steps_per_epoch * config.batch_size,
-      'train_seconds': train_seconds,
-      'eval_seconds': time.perf_counter() - start,
-      **extra,
-    }
-    record['examples_per_sec'] = record['train_examples'] / train_seconds
-    checkpoints.save(epoch, state)
-    records.append(record)
-    if jax.process_index() == 0:  # orbax coordinates the processes' checkpoints itself
-      workdir_lib.write_metrics(workdir, records)
-      workdir_lib.plot_curves(
-        workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
-      )
-    print(
-      f'epoch {epoch:>{len(str(config.num_epochs))}}/{config.num_epochs}  '
-      f'loss {record["train_loss"]:.3f}  train acc {record["train_accuracy"]:.3f}  '
-      f'test acc {record["test_accuracy"]:.3f}  {record["examples_per_sec"]:,.0f} examples/s',
-      flush=True,
-    )
-  checkpoints.close()
-  return _summarize(config, workdir, state, records, device, compile_seconds)
-
-
-def _summarize(config, workdir, state, records, device, compile_seconds) -> dict[str, Any]:
+def _summarize(run: _Run, state: steps.TrainState, records: list[Record]) -> dict[str, Any]:
   """Prints the chapter's closing lines and where the outputs are."""
   last = records[-1]
-  examples = sum(r['train_examples'] for r in records)
   seconds = sum(r['train_seconds'] for r in records)
   summary = {
     'state': state,
     'records': records,
-    'train_loss': last['train_loss'],
-    'train_accuracy': last['train_accuracy'],
-    'test_accuracy': last['test_accuracy'],
-    'examples_per_sec': examples / seconds,
-    'compile_seconds': compile_seconds,
+    **{key: last[key] for key in ('train_loss', 'train_accuracy', 'test_accuracy')},
+    'examples_per_sec': sum(r['train_examples'] for r in records) / seconds,
+    'compile_seconds': run.compile_seconds,
   }
   print(
     f'loss {last["train_loss"]:.3f}, train acc {last["train_accuracy"]:.3f}, '
     f'test acc {last["test_accuracy"]:.3f}'
   )
-  print(f'{summary["examples_per_sec"]:.1f} examples/sec on {device}')
+  print(f'{summary["examples_per_sec"]:.1f} examples/sec on {run.device}')
   first_bn = models.first_norm_params(state.params)
   if first_bn is not None:
     with np.printoptions(precision=4, suppress=True):
@@ -297,7 +297,7 @@ def _summarize(config, workdir, state, records, device, compile_seconds) -> dict
     f'{min(accuracies):.3f} - {max(accuracies):.3f}'
   )
   print(
-    f'outputs in {workdir}: config.json, metrics.jsonl, curves.png, '
+    f'outputs in {run.workdir}: config.json, metrics.jsonl, curves.png, '
     f'checkpoints/ ({math.ceil(seconds)} s of training)'
   )
   return summary

@@ -54,11 +54,12 @@ def prepare(
   new = json.loads(config.to_json_best_effort())
   config_file = path / 'config.json'
   if config_file.exists():
-    old = json.loads(config_file.read_text())
+    # Nested fields by their dotted names (bn.momentum), as --config.FIELD names them.
+    old, new_fields = _flatten(json.loads(config_file.read_text())), _flatten(new)
     changed = {
-      k: (old.get(k), new.get(k))
-      for k in sorted(set(old) | set(new))
-      if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k)
+      k: (old.get(k), new_fields.get(k))
+      for k in sorted(set(old) | set(new_fields))
+      if k not in RESUMABLE_FIELDS and old.get(k) != new_fields.get(k)
     }
     if changed:
       diff = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())
@@ -69,6 +70,17 @@ def prepare(
   if write:
     write_text(config_file, json.dumps(new, indent=2, sort_keys=True) + '\n')
   return path
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """``{'bn': {'momentum': 0.9}}`` as ``{'bn.momentum': 0.9}``."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
 
 
 def write_text(path: pathlib.Path, text: str) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_bn
-from jaxbn import parallel, training
+from jaxbn import parallel, settings, steps
 
 pytestmark = pytest.mark.slow  # spawns processes
 
@@ -49,8 +49,10 @@ def batches():
 @functools.cache
 def reference():
   """Params, batch_stats and metrics after the steps on one device, real examples only."""
-  state = training.create_train_state(lenet_bn.get_config(), jax.random.key(0))
-  step = jax.jit(training.train_step)
+  config = lenet_bn.get_config()
+  model = settings.build_model(config)
+  state = steps.create_train_state(jax.random.key(0), model, config.learning_rate)
+  step = jax.jit(steps.train_step)
   metrics = []
   for batch in batches():
     real = batch['mask']
@@ -68,12 +70,16 @@ def worker(process_id: int, port: int, out: str) -> None:
   parallel.initialize_distributed(distributed)
   assert jax.process_count() == NUM_PROCESSES and jax.process_index() == process_id
   mesh = parallel.make_mesh()
-  state = training.create_train_state(lenet_bn.get_config(), jax.random.key(0))
-  step = parallel.make_train_step(state.apply_fn, mesh)
+  config = lenet_bn.get_config()
+  config.batch_size = GLOBAL_BATCH
+  settings.validate_config(config, mesh.size, masked=True)
+  model = settings.build_model(config, parallel.bn_axis_name(mesh, config.bn.stats))
+  state = steps.create_train_state(jax.random.key(0), model, config.learning_rate)
+  step = parallel.make_train_step(mesh, config.bn.stats)
   state = parallel.replicate(mesh, state)
   metrics = []
   for batch in batches():
-    state, m = step(state, parallel.shard_batch(mesh, batch))
+    state, m = step(state, parallel.shard(mesh, batch))
     metrics.append(m)
   results = jax.device_get((state.params, state.batch_stats, metrics))
   np.savez(out, jax.device_count(), *jax.tree.leaves(results))

@@ -24,7 +24,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from jaxbn import kernels, models, training
+from jaxbn import kernels, models, steps
 
 # Results of differently ordered sums. Unit inputs are N(0, 1), so float32
 # sums of tens of terms carry absolute errors near 1e-6. The model's gradients
@@ -138,13 +138,13 @@ def test_banded_lenet_equals_standard_lenet_in_values_stats_and_gradients(norm, 
 
 
 def test_training_steps_equal_standard_steps():
-  """Three SGD steps (lr 1.0) of `training.train_step` on batches of 256, in float64."""
+  """Three SGD steps (lr 1.0) of `steps.train_step` on batches of 256, in float64."""
   model, reference = models.LeNet(conv_impl='banded'), models.LeNet(conv_impl='standard')
   variables = model.init(jax.random.key(0), images(1), train=False)
   with jax.enable_x64(True):
     variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
     states = [
-      training.TrainState.create(
+      steps.TrainState.create(
         apply_fn=m.apply,
         params=variables['params'],
         batch_stats=variables['batch_stats'],
@@ -152,7 +152,7 @@ def test_training_steps_equal_standard_steps():
       )
       for m in (model, reference)
     ]
-    step = jax.jit(training.train_step)
+    step = jax.jit(steps.train_step)
     for i in range(3):
       batch = {'image': images(256, seed=10 + i).astype(jnp.float64), 'label': jnp.arange(256) % 10}
       (states[0], got), (states[1], want) = (step(s, batch) for s in states)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_bn
-from jaxbn import trainer, training, workdir
+from jaxbn import settings, steps, trainer, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = {
@@ -56,7 +56,8 @@ def metrics(run_dir):
 
 def final_params(run_dir):
   config = lenet_bn.get_config()
-  template = training.create_train_state(config, jax.random.key(0))
+  model = settings.build_model(config)
+  template = steps.create_train_state(jax.random.key(0), model, config.learning_rate)
   epoch, state, skipped = workdir.Checkpoints(run_dir).restore_latest(template)
   assert not skipped
   return epoch, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
@@ -137,14 +138,14 @@ def test_exploding_learning_rate_stops_with_epoch_and_step(tmp_path):
 def test_a_fault_in_epoch_two_keeps_epoch_one(tmp_path, monkeypatch):
   """The loss turns NaN at step 3 of epoch 2: epoch 1's checkpoint and metrics survive."""
   steps_per_epoch = 2048 // 64
-  real_train_steps = training.train_steps
+  real_train_steps = steps.train_steps
 
-  def faulty_train_steps(state, images, labels, batch_indices):
-    new_state, m = real_train_steps(state, images, labels, batch_indices)
+  def faulty_train_steps(state, images, labels, batch_indices, **options):
+    new_state, m = real_train_steps(state, images, labels, batch_indices, **options)
     poisoned = state.step + 1 + jnp.arange(len(m['loss'])) >= steps_per_epoch + 3
     return new_state, {**m, 'loss': jnp.where(poisoned, jnp.nan, m['loss'])}
 
-  monkeypatch.setattr(training, 'train_steps', faulty_train_steps)
+  monkeypatch.setattr(steps, 'train_steps', faulty_train_steps)
   config = lenet_bn.get_config()
   config.update({'num_epochs': 3, 'batch_size': 64, 'progress_bar': False})
   config.data.update({'num_train': 2048, 'num_test': 500})

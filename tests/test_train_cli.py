@@ -70,6 +70,7 @@ def test_help_explains_the_command():
     ('--config.num_epoch=2', 'num_epoch'),  # a typo of num_epochs
     ('--config.learning_rate=-1.0', 'config.learning_rate=-1.0 must be positive'),
     ('--config.norm=layer', "config.norm='layer' is unknown"),
+    ('--config.bn.stats=sync', "config.bn.stats='sync' is unknown"),
     ('--config.data.num_train=100', 'config.batch_size=256 is larger than the 100 training'),
   ],
 )
