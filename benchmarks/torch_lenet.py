@@ -162,6 +162,7 @@ def batches(loader: str, images, labels, batch_size: int, train: bool):
 def main(argv=None) -> None:
   """``d2l.train_ch6`` of the chapter's LeNet-BN on Fashion-MNIST, timed from start to end."""
   import argparse
+  import json
   import pathlib
   import sys
   import time
@@ -173,32 +174,51 @@ def main(argv=None) -> None:
   parser.add_argument('--epochs', type=int, default=10)
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--lr', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0, help='torch.manual_seed')
+  parser.add_argument(
+    '--metrics', type=pathlib.Path, help="write one JSON record per epoch here, as train.py's"
+  )
   args = parser.parse_args(argv)
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from jaxbn import data
 
   torch.set_num_threads(2)
-  torch.manual_seed(0)
+  torch.manual_seed(args.seed)
   dataset = data.load_fashion_mnist()
   trainer = Trainer(lenet(args.norm), lr=args.lr)
   n = len(dataset.train_labels)
   load = lambda images, labels, train: batches(args.loader, images, labels, args.batch_size, train)
+  records = []
   for epoch in range(1, args.epochs + 1):
     trainer.net.train()
     loss_sum = correct = 0.0
+    epoch_start = time.perf_counter()
     for X, y in load(dataset.train_images, dataset.train_labels, True):
       loss, right = trainer.step(X, y)
       loss_sum, correct = loss_sum + loss, correct + right
+    train_seconds = time.perf_counter() - epoch_start
     trainer.net.eval()
     right = 0.0
     with torch.no_grad():
       for X, y in load(dataset.test_images, dataset.test_labels, False):
         right += float((trainer.net(X).argmax(dim=1) == y).sum())
+    records.append({
+      'epoch': epoch,
+      'train_loss': loss_sum / n,
+      'train_accuracy': correct / n,
+      'test_accuracy': right / len(dataset.test_labels),
+      'train_examples': n,
+      'train_seconds': train_seconds,
+      'examples_per_sec': n / train_seconds,
+    })  # fmt: skip
     print(
       f'epoch {epoch}: loss {loss_sum / n:.3f}, train acc {correct / n:.3f}, '
       f'test acc {right / len(dataset.test_labels):.3f}',
       flush=True,
     )
+  if args.metrics:
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(''.join(json.dumps(r) + '\n' for r in records))
   print(f'{time.perf_counter() - start:.1f} s from start to end')
 
 

@@ -1,13 +1,19 @@
-r"""Trains each config with several seeds through train.py and tabulates the medians.
+r"""Trains each config with several seeds and tabulates the medians: the README's results table.
 
-  python experiments/seeds.py --configs lenet_bn lenet_bn_flax lenet --seeds 0 1 2 3 4 \
-      --out experiments/results/seeds
+  python experiments/seeds.py                  # make seeds: every row, 5 seeds each
+  python experiments/seeds.py --configs lenet_bn --seeds 0 1
 
-Each run is a real `train.py` process with its own workdir under --out; the
-table (Markdown, also saved as table.md and results.json) gives the median over
-seeds of the final loss, train acc and test acc, the range of the final test
-acc, and the median examples/s. Finished runs are reused, so the command can
-be interrupted and repeated.
+A config is a file of configs/ (trained by ``train.py``) or one of the chapter's
+PyTorch LeNets, ``torch_scratch`` (its from-scratch ``batch_norm``) and
+``torch_nn`` (``nn.BatchNorm2d/1d``), trained by benchmarks/torch_lenet.py with
+the data held in memory. Each run is a fresh process with its own workdir under
+``--workdirs`` (by default one folder per commit); a finished run is reused, so
+the command can be interrupted and repeated. The table (median over seeds of
+the final loss, train acc and test acc, the range of the final test acc over
+seeds and over the epochs of the median seed, and the median examples/s of the
+epochs) is printed and written to ``--out``/table.md, the figures with the
+command, commit, CPU and package versions (`jaxbn.provenance`) to
+``--out``/results.json.
 """
 
 import argparse
@@ -18,69 +24,91 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxbn import provenance  # noqa: E402
+
+TORCH = {'torch_scratch': 'scratch', 'torch_nn': 'nn'}
+CONFIGS = ['lenet_bn', 'lenet_bn_flax', 'lenet', 'torch_scratch', 'torch_nn']
+EPOCHS = 10
 
 
-def run(config: str, seed: int, out: pathlib.Path, extra: list[str]) -> list[dict]:
-  workdir = out / f'{config}-seed{seed}'
-  metrics = workdir / 'metrics.jsonl'
-  cmd = [
-    sys.executable,
-    str(ROOT / 'train.py'),
-    f'--config={ROOT / "configs" / (config + ".py")}',
-    f'--workdir={workdir}',
-    f'--config.seed={seed}',
+def command(config: str, seed: int, workdir: pathlib.Path) -> list[str]:
+  if config in TORCH:
+    return [
+      sys.executable, str(ROOT / 'benchmarks/torch_lenet.py'), f'--norm={TORCH[config]}',
+      '--loader=memory', f'--seed={seed}', f'--epochs={EPOCHS}',
+      f'--metrics={workdir / "metrics.jsonl"}',
+    ]  # fmt: skip
+  return [
+    sys.executable, str(ROOT / 'train.py'), f'--config={ROOT / "configs" / (config + ".py")}',
+    f'--workdir={workdir}', f'--config.seed={seed}', f'--config.num_epochs={EPOCHS}',
     '--config.progress_bar=False',
-    *extra,
+  ]  # fmt: skip
+
+
+def run(config: str, seed: int, workdirs: pathlib.Path) -> list[dict]:
+  """The per-epoch records of one run (trained now unless a finished run is there)."""
+  workdir = workdirs / f'{config}-seed{seed}'
+  metrics = workdir / 'metrics.jsonl'
+  read = lambda: [json.loads(line) for line in metrics.read_text().splitlines()]
+  if not (metrics.exists() and len(read()) == EPOCHS):
+    subprocess.run(command(config, seed, workdir), check=True, cwd=ROOT)
+  return read()
+
+
+def summarize(runs: list[list[dict]]) -> dict:
+  last = [r[-1] for r in runs]
+  median_run = sorted(runs, key=lambda r: r[-1]['test_accuracy'])[len(runs) // 2]
+  return {
+    **{k: statistics.median(x[k] for x in last) for k in ('train_loss', 'train_accuracy')},
+    'test_accuracy': statistics.median(x['test_accuracy'] for x in last),
+    'test_accuracy_per_seed': [x['test_accuracy'] for x in last],
+    'median_seed_test_accuracy_per_epoch': [x['test_accuracy'] for x in median_run],
+    'examples_per_sec': statistics.median(x['examples_per_sec'] for r in runs for x in r),
+    'per_epoch_test_accuracy': [[x['test_accuracy'] for x in r] for r in runs],
+  }
+
+
+def table(summary: dict) -> str:
+  rows = [
+    '| config | loss | train acc | test acc (median) | test acc, seeds (min - max) '
+    '| test acc over epochs 1-10 (median seed) | examples/s |',
+    '|---|---|---|---|---|---|---|',
   ]
-  subprocess.run(cmd, check=True, cwd=ROOT)
-  return [json.loads(line) for line in metrics.read_text().splitlines()]
+  for config, s in summary.items():
+    seeds, epochs = s['test_accuracy_per_seed'], s['median_seed_test_accuracy_per_epoch']
+    rows.append(
+      f'| {config} | {s["train_loss"]:.3f} | {s["train_accuracy"]:.3f} | '
+      f'{s["test_accuracy"]:.3f} | {min(seeds):.3f} - {max(seeds):.3f} | '
+      f'{min(epochs):.3f} - {max(epochs):.3f} | {s["examples_per_sec"]:,.0f} |'
+    )
+  return '\n'.join(rows) + '\n'
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
-  parser.add_argument('--configs', nargs='+', default=['lenet_bn', 'lenet_bn_flax', 'lenet'])
+  parser.add_argument('--configs', nargs='+', default=CONFIGS)
   parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2, 3, 4])
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'experiments/results/seeds')
-  parser.add_argument('extra', nargs='*', help='more train.py flags, after --')
-  args = parser.parse_args()
+  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/seeds')
+  parser.add_argument(
+    '--workdirs', type=pathlib.Path, help='default: workdirs/seeds-<commit>, runs of this commit'
+  )
+  args = parser.parse_args(argv)
+  record = provenance.record()
+  args.workdirs = args.workdirs or ROOT / 'workdirs' / f'seeds-{(record["commit"] or "")[:12]}'
+  summary = {
+    config: {'seeds': args.seeds, **summarize([run(config, s, args.workdirs) for s in args.seeds])}
+    for config in args.configs
+  }
+  text = table(summary)
   args.out.mkdir(parents=True, exist_ok=True)
-  results = {}
-  for config in args.configs:
-    results[config] = [run(config, seed, args.out, args.extra) for seed in args.seeds]
-  rows = [
-    '| config | loss | train acc | test acc (median) | test acc (min - max over seeds) '
-    '| test acc range over epochs (median seed) | examples/s |',
-    '|---|---|---|---|---|---|---|',
-  ]
-  summary = {}
-  for config, runs in results.items():
-    last = [r[-1] for r in runs]
-    med = {
-      k: statistics.median(x[k] for x in last)
-      for k in ('train_loss', 'train_accuracy', 'test_accuracy')
-    }
-    tests = sorted(x['test_accuracy'] for x in last)
-    median_run = sorted(runs, key=lambda r: r[-1]['test_accuracy'])[len(runs) // 2]
-    per_epoch = [x['test_accuracy'] for x in median_run]
-    speed = statistics.median(statistics.median(x['examples_per_sec'] for x in r) for r in runs)
-    summary[config] = {
-      'seeds': args.seeds,
-      **med,
-      'test_accuracy_per_seed': [x['test_accuracy'] for x in last],
-      'examples_per_sec': speed,
-      'per_epoch_test_accuracy': [[x['test_accuracy'] for x in r] for r in runs],
-    }
-    rows.append(
-      f'| {config} | {med["train_loss"]:.3f} | {med["train_accuracy"]:.3f} | '
-      f'{med["test_accuracy"]:.3f} | {tests[0]:.3f} - {tests[-1]:.3f} | '
-      f'{min(per_epoch):.3f} - {max(per_epoch):.3f} | {speed:,.0f} |'
-    )
-  table = '\n'.join(rows) + '\n'
-  (args.out / 'table.md').write_text(table)
-  (args.out / 'results.json').write_text(json.dumps(summary, indent=1) + '\n')
-  print(table)
+  (args.out / 'table.md').write_text(text)
+  results = {'provenance': record, 'epochs': EPOCHS, 'configs': summary}
+  (args.out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
+  print(text)
 
 
 if __name__ == '__main__':

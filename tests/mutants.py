@@ -192,7 +192,7 @@ MUTANTS = (
     'jaxbn/workdir.py',
     '    if changed:\n',
     '    if False:\n',
-    ('tests/test_training.py',),
+    ('tests/test_workdir.py',),
   ),
 )
 
