@@ -1,5 +1,7 @@
 """jaxbn: batch normalization in JAX, from scratch, as in Dive into Deep Learning."""
 
+# The tools built on the layer, as jaxbn.folding.fold and jaxbn.precise.precise_batch_stats.
+from jaxbn import folding, precise
 from jaxbn.functional import BatchNormOutput, batch_norm
 from jaxbn.linen import BatchNorm
 from jaxbn.renorm import renorm_correction, renorm_schedule
@@ -13,6 +15,8 @@ __all__ = [
   'batch_statistics',
   'cumulative_update',
   'ema_update',
+  'folding',
+  'precise',
   'renorm_correction',
   'renorm_schedule',
   'unbiased_variance',

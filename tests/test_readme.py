@@ -26,3 +26,18 @@ def test_readme_model_example_trains_and_predicts():
   assert not np.allclose(new_stats['BatchNorm_0']['mean'], stats['BatchNorm_0']['mean'])
   logits = namespace['predict'](params, new_stats, x)
   assert logits.shape == (16, 10)
+
+
+def test_readme_folding_example_gives_the_model_outputs():
+  blocks = re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
+  (folding,) = [b for b in blocks if 'jaxbn.folding.fold' in b]
+  namespace = {}
+  exec(blocks[0], namespace)  # the MLP: Dense -> jaxbn.BatchNorm -> relu -> Dense
+  x = jax.random.normal(jax.random.key(1), (16, 784))
+  params, stats, opt_state = namespace['params'], namespace['batch_stats'], namespace['opt_state']
+  params, stats, _, _ = namespace['train_step'](params, stats, opt_state, x, jnp.arange(16) % 10)
+  namespace.update(variables={'params': params, 'batch_stats': stats}, images=x)
+  exec(folding, namespace)
+  assert 'BatchNorm_0' not in namespace['params']
+  want = namespace['predict'](params, stats, x)
+  np.testing.assert_allclose(namespace['logits'], want, rtol=1e-5, atol=1e-5)
