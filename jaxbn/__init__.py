@@ -15,8 +15,6 @@ __all__ = [
   'batch_statistics',
   'cumulative_update',
   'ema_update',
-  'folding',
-  'precise',
   'renorm_correction',
   'renorm_schedule',
   'unbiased_variance',
