@@ -1,7 +1,8 @@
 """jaxbn: batch normalization in JAX, from scratch, as in Dive into Deep Learning."""
 
 # The tools built on the layer, as jaxbn.folding.fold and jaxbn.precise.precise_batch_stats.
-from jaxbn import folding, precise
+from jaxbn import folding as folding
+from jaxbn import precise as precise
 from jaxbn.functional import BatchNormOutput, batch_norm
 from jaxbn.linen import BatchNorm
 from jaxbn.renorm import renorm_correction, renorm_schedule

@@ -22,17 +22,16 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax.extend.core import Var
 
-from jaxbn import kernels
 from jaxbn.linen import BatchNorm
 from jaxbn.statistics import canonicalize_axes
 
 # Exact types, not subclasses: a subclass may change what its call computes.
-LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, kernels.BandedConv)
+LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 Path = tuple[str, ...]
 _NOT_LINEAR = (
-  'its input is not the very output of a Dense, DenseGeneral, Conv, ConvTranspose or '
-  'BandedConv layer (e.g. an activation, a reshape or the model input comes between)'
+  'its input is not the very output of a Dense, DenseGeneral, Conv or ConvTranspose '
+  'layer (e.g. an activation, a reshape or the model input comes between)'
 )
 
 

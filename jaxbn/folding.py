@@ -10,8 +10,8 @@ that linear layer with, per output feature (``scale = 1`` without
 * `fold` finds the foldable BN layers of a Flax linen model (`jaxbn.fold_pairs`, by tracing one
   inference call) and returns ``(apply_fn, params)``: the model with those BN
   layers skipped, and the folded kernels and biases. A BN layer is foldable when
-  its input is the very array a Dense, DenseGeneral, Conv, ConvTranspose or
-  `jaxbn.kernels.BandedConv` layer returned, normalised along the layer's output
+  its input is the very array a Dense, DenseGeneral, Conv or ConvTranspose
+  layer returned, normalised along the layer's output
   features, and nothing else uses that array (nor other calls of the layer):
   folding would change those other uses, so they make `fold` refuse the BN layer.
 * `fold_into_linear` is the equation for one (layer, BN) pair.

@@ -1,8 +1,9 @@
 """Fast XLA:CPU forms of LeNet's convolution and max-pool, drop-in for the Flax layers.
 
-`BandedConv` has the parameters and values of ``nn.Conv(features, kernel_size,
-padding='VALID')`` and `max_pool_2x2` the values of ``nn.max_pool(x, (2, 2),
-strides=(2, 2))``; their derivatives are the same up to float rounding.
+`banded_conv_general_dilated`, given to ``nn.Conv`` or ``nnx.Conv`` as their
+``conv_general_dilated``, computes their VALID convolutions as banded matrix
+products (`conv_valid`), and `max_pool_2x2` the values of ``nn.max_pool(x,
+(2, 2), strides=(2, 2))``; their derivatives are the same up to float rounding.
 XLA:CPU runs them several times faster than its convolutions with few
 channels (in the forward and both backward directions) and than the
 select-and-scatter that differentiates ``lax.reduce_window``. On GPUs and TPUs
@@ -20,9 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax.linen.dtypes import promote_dtype
-from flax.typing import Initializer
 
 
 def _window_elements(x: jax.Array, axes: tuple[int, int]) -> tuple[list[jax.Array], list[int]]:
@@ -108,37 +106,42 @@ def conv_valid(x: jax.Array, kernel: jax.Array, block: int = 4) -> jax.Array:
   return (windows.reshape(-1, kh * width * i) @ matrix).reshape(n, ho, wo, o)
 
 
-class BandedConv(nn.Module):
-  """``nn.Conv(features, kernel_size, padding='VALID')``, computed by `conv_valid`.
+# lax.conv_general_dilated's dimension numbers for NHWC inputs and HWIO kernels,
+# as nn.Conv and nnx.Conv pass them.
+_NHWC = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
-  The same parameters (``kernel`` (kh, kw, I, O), ``bias`` (O,)) and values;
-  NHWC in and out.
 
-  Attributes:
-    features: output channels O.
-    kernel_size: (kh, kw).
-    use_bias: add a learned per-channel bias.
-    kernel_init: initializer of ``kernel``.
-    bias_init: initializer of ``bias``.
-    dtype: the computation dtype (None: that of the input and parameters).
-    block: output pixels per row window of `conv_valid`.
+def banded_conv_general_dilated(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: str | Sequence[tuple[int, int]],
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  **kwargs,
+) -> jax.Array:
+  """``lax.conv_general_dilated`` with `conv_valid` for the convolutions it covers.
+
+  A drop-in for the ``conv_general_dilated`` argument of ``nn.Conv`` and
+  ``nnx.Conv``: stride-1, undilated, ungrouped VALID convolutions of NHWC
+  inputs with HWIO kernels (LeNet's) are banded matrix products; any other
+  goes to ``lax.conv_general_dilated`` unchanged.
   """
-
-  features: int
-  kernel_size: Sequence[int]
-  padding: str = 'VALID'
-  use_bias: bool = True
-  dtype: Any = None
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros
-  block: int = 4
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.padding != 'VALID':
-      raise ValueError(f"BandedConv computes padding='VALID' only, got {self.padding!r}.")
-    kernel = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv_valid(x, kernel, self.block)
-    return y if bias is None else y + bias.reshape(1, 1, 1, -1)
+  ones = lambda v: v is None or all(d == 1 for d in v)
+  valid = padding == 'VALID' or all(tuple(p) == (0, 0) for p in padding)
+  if (
+    lhs.ndim == 4
+    and dimension_numbers == _NHWC
+    and valid
+    and ones(window_strides)
+    and ones(lhs_dilation)
+    and ones(rhs_dilation)
+    and feature_group_count == 1
+  ):
+    return conv_valid(lhs, rhs)
+  return jax.lax.conv_general_dilated(
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+    feature_group_count, **kwargs,
+  )  # fmt: skip

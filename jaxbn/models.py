@@ -77,13 +77,16 @@ class LeNet(nn.Module):
     statistics.
     """
     xavier = nn.initializers.xavier_uniform()
-    if resolve_conv_impl(self.conv_impl) == 'banded':
-      conv, pool = kernels.BandedConv, kernels.max_pool_2x2
-    else:
-      conv, pool = nn.Conv, _max_pool
+    banded = resolve_conv_impl(self.conv_impl) == 'banded'
     conv = functools.partial(
-      conv, kernel_size=(5, 5), padding='VALID', kernel_init=xavier, dtype=self.dtype
+      nn.Conv,
+      kernel_size=(5, 5),
+      padding='VALID',
+      kernel_init=xavier,
+      dtype=self.dtype,
+      conv_general_dilated=kernels.banded_conv_general_dilated if banded else None,
     )
+    pool = kernels.max_pool_2x2 if banded else _max_pool
     dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
 
     def bn(h, name):

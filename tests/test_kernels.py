@@ -78,16 +78,21 @@ def test_conv_valid_equals_lax_conv(x_shape, k_shape, block):
   chex.assert_trees_all_close(got, want, **UNIT_TOL)
 
 
-def test_banded_conv_is_a_drop_in_for_nn_conv():
-  """Same parameter tree from the same key, same outputs."""
+@pytest.mark.parametrize(
+  'options',
+  [
+    dict(features=4, kernel_size=(5, 3), padding='VALID'),  # banded
+    dict(features=4, kernel_size=(3, 3), padding='SAME'),  # the others: lax's
+    dict(features=4, kernel_size=(3, 3), padding='VALID', strides=2),
+  ],
+)
+def test_banded_conv_general_dilated_is_a_drop_in_for_nn_conv(options):
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  options = dict(features=4, kernel_size=(5, 3), padding='VALID')
-  banded, standard = kernels.BandedConv(**options), nn.Conv(**options)
-  variables = banded.init(jax.random.key(1), x)
-  chex.assert_trees_all_equal(variables, standard.init(jax.random.key(1), x))
-  chex.assert_trees_all_close(banded.apply(variables, x), standard.apply(variables, x), **UNIT_TOL)
-  with pytest.raises(ValueError, match='VALID'):
-    kernels.BandedConv(4, (5, 5), padding='SAME').init(jax.random.key(1), x)
+  banded = nn.Conv(**options, conv_general_dilated=kernels.banded_conv_general_dilated)
+  variables = nn.Conv(**options).init(jax.random.key(1), x)
+  got = value_and_vjp(lambda v, x: banded.apply(v, x), variables, x)
+  want = value_and_vjp(lambda v, x: nn.Conv(**options).apply(v, x), variables, x)
+  chex.assert_trees_all_close(got, want, **UNIT_TOL)
 
 
 @pytest.mark.parametrize('layout', ['NHWC', 'NCHW'])
