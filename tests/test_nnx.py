@@ -6,7 +6,7 @@ every mode switch and NNX transform users train with. The extras
 (``momentum=None``, ``unbiased_running_var``, ghost batches, renorm's warm-up)
 are checked against float64 NumPy.
 
-The SPMD test needs 8 host devices, set by XLA_FLAGS before JAX starts:
+The SPMD and pmap tests need 8 host devices, set by XLA_FLAGS before JAX starts:
 `test_on_8_host_devices` runs this module's ``on_8_devices`` tests in a
 subprocess that has them (tests/conftest.py deselects them here).
 """
@@ -36,7 +36,7 @@ from jaxbn import nnx as jnnx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DEVICES = 8
-ON_8_DEVICES_COUNT = 1  # tests marked on_8_devices
+ON_8_DEVICES_COUNT = 2  # tests marked on_8_devices
 
 
 def _data(shape, seed, dtype=np.float32, axis=-1):
@@ -159,6 +159,13 @@ _FLAX_CASES = (
     tol=1e-2,
   ),
   dict(testcase_name='integer_input_promoted', shape=(8, 3), x_dtype=jnp.int32),
+  dict(
+    testcase_name='no_promotion_dtype_bfloat16',
+    shape=(8, 3),
+    dtype=jnp.bfloat16,
+    promote_dtype=lambda args, dtype=None: args,
+    tol=2e-2,
+  ),
 )
 
 
@@ -170,7 +177,7 @@ class FlaxParityTest(chex.TestCase):
     axis = kwargs.get('axis', -1)
     features = int(np.prod([shape[a] for a in ((axis,) if isinstance(axis, int) else axis)]))
     ctor = dict(use_running_average=False) if mode == 'ctor' else {}
-    model = _randomize(cls(features, rngs=nnx.Rngs(0), **ctor, **kwargs), 2, stats=False)
+    model = _randomize(cls(features, rngs=nnx.Rngs(0), **ctor, **kwargs), 2)
     graphdef, state = nnx.split(model)
     xs = [_data(shape, k, axis=axis).astype(x_dtype) for k in range(steps)]
 
@@ -191,11 +198,12 @@ class FlaxParityTest(chex.TestCase):
     self.assertEqual(before[0], ref_before[0])
     chex.assert_trees_all_equal(before[1], ref_before[1])
     self.assertEqual(_described(state), _described(ref_state))
-    # Outputs in training and inference, and the running stats after training.
+    # Outputs in training and inference (in their dtype's precision), and the
+    # running stats after training (float32 from the same statistics, whatever
+    # the dtype).
     chex.assert_trees_all_equal_dtypes(outputs, ref_outputs)
-    chex.assert_trees_all_close(
-      (outputs, _values(state)), (ref_outputs, _values(ref_state)), atol=tol, rtol=tol
-    )
+    chex.assert_trees_all_close(outputs, ref_outputs, atol=tol, rtol=tol)
+    chex.assert_trees_all_close(_values(state), _values(ref_state), atol=1e-5, rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*_FLAX_CASES)
@@ -203,6 +211,24 @@ class FlaxParityTest(chex.TestCase):
     ref = self._train_then_eval(nnx.BatchNorm, shape, x_dtype, mode, kwargs)
     got = self._train_then_eval(jnnx.BatchNorm, shape, x_dtype, mode, kwargs)
     self._assert_same(got, ref, tol)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ('float32', jnp.float32, None),
+    ('dtype_bfloat16', jnp.float32, jnp.bfloat16),
+    ('float16', jnp.float16, jnp.float16),
+  )
+  def test_inference_is_flaxs_bit_for_bit(self, param_dtype, dtype):
+    # The same formula in the same order, on the running averages cast to ``dtype``.
+    x = _data((6, 2, 4), 0)
+    outputs = {}
+    for cls in (nnx.BatchNorm, jnnx.BatchNorm):
+      model = cls(4, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0))
+      model = _randomize(model, 2)
+      model.mean[...] = 3.0 + model.mean[...]  # not a round number in bfloat16 or float16
+      evaluate = lambda g, s, x: nnx.merge(g, s)(x, use_running_average=True)
+      outputs[cls] = self.variant(evaluate, static_argnums=0)(*nnx.split(model), x)
+    chex.assert_trees_all_equal(outputs[jnnx.BatchNorm], outputs[nnx.BatchNorm])
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
@@ -368,6 +394,46 @@ class FlaxParityTest(chex.TestCase):
       model = cls(3, use_running_average=None, rngs=nnx.Rngs(0))
       with self.assertRaisesRegex(ValueError, r'No `use_running_average` argument'):
         model(jnp.ones((4, 3)))
+
+
+# ---------------------------------------------------------------------------
+# A thin front end: batch_norm's results, bit for bit.
+
+
+class FunctionalTest(chex.TestCase):
+  """The module declares state and passes every option on to `jaxbn.batch_norm`."""
+
+  @parameterized.named_parameters(
+    dict(testcase_name='defaults'),
+    dict(testcase_name='two_pass_eps1e-2_axis1', use_fast_variance=False, epsilon=1e-2, axis=1),
+    dict(testcase_name='cumulative_unbiased', momentum=None, unbiased_running_var=True),
+    dict(testcase_name='ghost_renorm', virtual_batch_size=2, renorm_clip=(1.5, 0.5)),
+    dict(testcase_name='mask_no_float32_reductions', mask=True, force_float32_reductions=False),
+  )
+  def test_training_step_is_batch_norms(self, mask=False, **kwargs):
+    kwargs = dict(dict(momentum=0.99), **kwargs)
+    axis = kwargs.get('axis', -1)
+    # Far from the running mean (0): the variance formulas round differently.
+    x = 4.0 + _data((8, 3, 3), 0, axis=axis)
+    mask = (np.arange(8) % 3 > 0)[:, None, None] if mask else None
+    model = _randomize(jnnx.BatchNorm(3, rngs=nnx.Rngs(0), **kwargs), 2)
+    count = None if model.count is None else model.count[...]
+    params_and_stats = [v[...] for v in (model.scale, model.bias, model.mean, model.var)]
+    want = jax.jit(
+      lambda x, scale, bias, mean, var, count, mask: jaxbn.batch_norm(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        use_running_average=False,
+        count=count,
+        mask=mask,
+        **kwargs,
+      )
+    )(x, *params_and_stats, count, mask)
+    y = nnx.jit(lambda model, x, mask: model(x, mask=mask))(model, x, mask)
+    chex.assert_trees_all_equal((y, model.mean[...], model.var[...]), tuple(want))
 
 
 # ---------------------------------------------------------------------------
@@ -714,6 +780,32 @@ def test_spmd_step_over_a_sharded_batch_equals_the_one_device_step():
   chex.assert_trees_all_close(
     model.norm.mean[...], 0.1 * _np_stats(features)[0], atol=1e-6, rtol=1e-5
   )
+
+
+@pytest.mark.on_8_devices
+def test_axis_index_groups_under_pmap_give_each_groups_statistics():
+  # nnx.vmap has no axis_index_groups; pmap over 8 devices, two groups of 4.
+  x = _data((NUM_DEVICES, 3, 5), 0) + jnp.repeat(jnp.arange(2.0), 4)[:, None, None]
+  groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  results = {}
+  for cls in (nnx.BatchNorm, jnnx.BatchNorm):
+    model = cls(5, momentum=0.5, axis_name='b', axis_index_groups=groups, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(_randomize(model, 2))
+
+    def step(state, x, graphdef=graphdef):
+      model = nnx.merge(graphdef, state)
+      return model(x), nnx.state(model, nnx.BatchStat)
+
+    y, stats = jax.pmap(step, axis_name='b', in_axes=(None, 0))(state, x)
+    for group in groups:
+      half = _randomize(cls(5, momentum=0.5, rngs=nnx.Rngs(0)), 2)  # the same, unsynchronized
+      want_y = half(x[np.array(group)].reshape(12, 5)).reshape(4, 3, 5)
+      chex.assert_trees_all_close(y[np.array(group)], want_y, atol=1e-5, rtol=1e-5)
+      for name in ('mean', 'var'):
+        want = np.broadcast_to(getattr(half, name)[...], (4, 5))
+        chex.assert_trees_all_close(stats[name][...][np.array(group)], want, atol=1e-6, rtol=1e-5)
+    results[cls] = (y, _values(stats))
+  chex.assert_trees_all_close(results[jnnx.BatchNorm], results[nnx.BatchNorm], atol=1e-5)
 
 
 @pytest.mark.main_session
