@@ -13,6 +13,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  # Flax API of the model: 'linen' (models.LeNet) or 'nnx' (models.NNXLeNet, with
+  # jaxbn.nnx.BatchNorm or flax.nnx.BatchNorm); both train through the same steps.
+  config.api = 'linen'
   # The BN layer: 'jaxbn' (from scratch), 'flax' (flax.linen.BatchNorm) or 'none' (plain LeNet).
   config.norm = 'jaxbn'
   # Convolution and max-pool: 'standard' (Flax's), 'banded' (jaxbn.kernels' XLA:CPU

@@ -1,4 +1,9 @@
-"""LeNet-5 with batch normalization, as D2L's batch-norm chapter draws it."""
+"""LeNet-5 with batch normalization, as D2L's batch-norm chapter draws it, in linen and NNX.
+
+`LeNet` (Flax linen) and `NNXLeNet` (Flax NNX) are the same model: the same
+layers with the same names (conv1, bn1, ..., fc3), shapes and initialisation,
+so their variables, as nested dicts, are interchangeable.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,34 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import nnx
 
 from jaxbn import kernels
+from jaxbn import nnx as jnnx
 from jaxbn.linen import BatchNorm
 
 ModuleDef = Any
 CONV_IMPLS = ('auto', 'standard', 'banded')
 NORMS = ('jaxbn', 'flax', 'none')
+APIS = ('linen', 'nnx')
+_NORM_LAYERS = {
+  'linen': {'jaxbn': BatchNorm, 'flax': nn.BatchNorm},
+  'nnx': {'jaxbn': jnnx.BatchNorm, 'flax': nnx.BatchNorm},
+}
 
 
-def norm_layer(kind: str, **options) -> ModuleDef | None:
-  """The BN layer ``kind`` with ``options`` bound, for `LeNet`'s ``norm``.
+def norm_layer(kind: str, api: str = 'linen', **options) -> ModuleDef | None:
+  """The BN layer ``kind`` of ``api`` with ``options`` bound, for the models' ``norm``.
 
-  ``'jaxbn'``: `jaxbn.BatchNorm`; ``'flax'``: `flax.linen.BatchNorm`;
-  ``'none'``: None (no BN layers).
+  ``'jaxbn'``: `jaxbn.BatchNorm` (linen) or `jaxbn.nnx.BatchNorm`; ``'flax'``:
+  ``flax.linen.BatchNorm`` or ``flax.nnx.BatchNorm``; ``'none'``: None (no BN
+  layers).
   """
-  layers = {'jaxbn': BatchNorm, 'flax': nn.BatchNorm, 'none': None}
-  if kind not in layers:
+  if kind not in NORMS:
     raise ValueError(f'norm={kind!r} is not one of {NORMS}.')
-  return None if layers[kind] is None else functools.partial(layers[kind], **options)
+  if kind == 'none':
+    return None
+  return functools.partial(_NORM_LAYERS[api][kind], **options)
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
@@ -40,6 +54,13 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 def _max_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _conv_and_pool(conv_impl: str) -> tuple[Any, Any]:
+  """The convolution function given to nn.Conv / nnx.Conv (None: lax's) and the max-pool."""
+  if resolve_conv_impl(conv_impl) == 'banded':
+    return kernels.banded_conv_general_dilated, kernels.max_pool_2x2
+  return None, _max_pool
 
 
 class LeNet(nn.Module):
@@ -77,16 +98,15 @@ class LeNet(nn.Module):
     statistics.
     """
     xavier = nn.initializers.xavier_uniform()
-    banded = resolve_conv_impl(self.conv_impl) == 'banded'
+    conv_fn, pool = _conv_and_pool(self.conv_impl)
     conv = functools.partial(
       nn.Conv,
       kernel_size=(5, 5),
       padding='VALID',
       kernel_init=xavier,
       dtype=self.dtype,
-      conv_general_dilated=kernels.banded_conv_general_dilated if banded else None,
+      conv_general_dilated=conv_fn,
     )
-    pool = kernels.max_pool_2x2 if banded else _max_pool
     dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
 
     def bn(h, name):
@@ -102,6 +122,71 @@ class LeNet(nn.Module):
     x = nn.sigmoid(bn(dense(120, name='fc1')(x), 'bn3'))
     x = nn.sigmoid(bn(dense(84, name='fc2')(x), 'bn4'))
     logits = dense(self.num_classes, name='fc3')(x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+# The chapter's BN layer for NNXLeNet: D2L's momentum and epsilon.
+D2L_NNX_NORM = functools.partial(jnnx.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+class NNXLeNet(nnx.Module):
+  """`LeNet` as a Flax NNX module: the same layers, names and initialisation.
+
+  Train with ``model.train()`` (batch statistics, running averages updated in
+  place), evaluate with ``model.eval()``.
+
+  Args:
+    norm: the BN layer, called as ``norm(num_features, rngs=rngs)``, e.g.
+      ``functools.partial(jaxbn.nnx.BatchNorm, momentum=0.9)`` or
+      ``flax.nnx.BatchNorm``; None leaves them out. See `norm_layer`.
+    conv_impl: as `LeNet`'s.
+    num_classes: size of the output layer.
+    dtype: as `LeNet`'s.
+    rngs: the random numbers of the initialisation.
+  """
+
+  def __init__(
+    self,
+    norm: ModuleDef | None = D2L_NNX_NORM,
+    *,
+    conv_impl: str = 'auto',
+    num_classes: int = 10,
+    dtype: Any = None,
+    rngs: nnx.Rngs,
+  ):
+    xavier = nn.initializers.xavier_uniform()
+    conv_fn, self.pool = _conv_and_pool(conv_impl)
+    conv = functools.partial(
+      nnx.Conv,
+      kernel_size=(5, 5),
+      padding='VALID',
+      kernel_init=xavier,
+      dtype=dtype,
+      rngs=rngs,
+      **({} if conv_fn is None else {'conv_general_dilated': conv_fn}),
+    )
+    dense = functools.partial(nnx.Linear, kernel_init=xavier, dtype=dtype, rngs=rngs)
+    bn = lambda n: None if norm is None else norm(n, dtype=dtype, rngs=rngs)
+    self.conv1, self.bn1 = conv(1, 6), bn(6)
+    self.conv2, self.bn2 = conv(6, 16), bn(16)
+    self.fc1, self.bn3 = dense(16 * 4 * 4, 120), bn(120)
+    self.fc2, self.bn4 = dense(120, 84), bn(84)
+    self.fc3 = dense(84, num_classes)
+
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Maps (N, 28, 28, 1) images to (N, num_classes) logits; ``mask`` as `LeNet`'s."""
+
+    def bn(layer, h):
+      if layer is None:
+        return h
+      return layer(h, mask=None if mask is None else mask.reshape(-1, *[1] * (h.ndim - 1)))
+
+    x = self.pool(nnx.sigmoid(bn(self.bn1, self.conv1(x))))
+    x = self.pool(nnx.sigmoid(bn(self.bn2, self.conv2(x))))
+    x = x.reshape(x.shape[0], -1)
+    x = nnx.sigmoid(bn(self.bn3, self.fc1(x)))
+    x = nnx.sigmoid(bn(self.bn4, self.fc2(x)))
+    logits = self.fc3(x)
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 

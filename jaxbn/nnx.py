@@ -249,9 +249,14 @@ class BatchNorm(nnx.Module):
       # The running averages are state, not part of the loss: a later call
       # in inference mode within the same differentiated function must not
       # pass gradients back through them into this batch (as in Flax).
-      stored = lambda new, old: jax.lax.stop_gradient(new.reshape(old.shape).astype(old.dtype))
-      self.mean[...] = stored(new_mean, self.mean)
-      self.var[...] = stored(new_var, self.var)
+      for variable, new in ((self.mean, new_mean), (self.var, new_var)):
+        new = jax.lax.stop_gradient(new.reshape(variable.shape))
+        if jnp.iscomplexobj(new) and not jnp.iscomplexobj(variable[...]):
+          # A complex input's mean is complex (the linen modules' becomes so
+          # too); flax.nnx.BatchNorm drops its imaginary part here.
+          variable.set_value(new)
+        else:
+          variable[...] = new.astype(variable.dtype)
       if self.count is not None:
         self.count[...] = self.count[...] + 1
       if self.renorm_steps is not None:

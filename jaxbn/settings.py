@@ -2,13 +2,15 @@
 
 `validate_config` is the one place that refuses a config (a `ConfigError`
 naming the field and the fix), before any work is done; `build_model` turns
-the checked ``config.norm``, ``config.conv_impl`` and ``config.bn`` into a
-`models.LeNet`. See configs/lenet_bn.py for the fields.
+the checked ``config.api``, ``config.norm``, ``config.conv_impl`` and
+``config.bn`` into a `models.LeNet` (or `models.NNXLeNet`). See configs/lenet_bn.py for the fields.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
+from collections.abc import Callable
 
 import ml_collections
 
@@ -36,6 +38,12 @@ def validate_config(
 
 
 def _check_fields(config: ml_collections.ConfigDict) -> None:
+  if config.api not in models.APIS:
+    raise ConfigError(f'config.api={config.api!r} is unknown: use one of {models.APIS}.')
+  if config.api == 'nnx' and config.bn.precise_examples:
+    raise ConfigError(
+      "config.bn.precise_examples works with config.api='linen' only for now: set it to 0."
+    )
   if config.norm not in models.NORMS:
     raise ConfigError(f'config.norm={config.norm!r} is unknown: use one of {models.NORMS}.')
   if config.conv_impl not in models.CONV_IMPLS:
@@ -126,11 +134,16 @@ def _check_batches(config, num_devices: int, masked: bool) -> None:
     )
 
 
-def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None) -> models.LeNet:
+def build_model(
+  config: ml_collections.ConfigDict, axis_name: str | None = None
+) -> models.LeNet | Callable[..., models.NNXLeNet]:
   """The LeNet of ``config`` (`validate_config` first).
 
-  ``axis_name``: the mesh axis over which the BN layers average their batch
-  statistics (synchronized BN; see `parallel.bn_axis_name`), or None.
+  With ``config.api='linen'`` a `models.LeNet`; with ``'nnx'`` the constructor
+  of a `models.NNXLeNet`, which `steps.create_train_state` calls with its
+  random numbers. ``axis_name``: the mesh axis over which the BN layers
+  average their batch statistics (synchronized BN; see
+  `parallel.bn_axis_name`), or None.
   """
   bn = config.bn
   options = {}
@@ -141,6 +154,13 @@ def build_model(config: ml_collections.ConfigDict, axis_name: str | None = None)
       renorm_warmup_steps=bn.renorm_warmup_steps,
     )
   norm = models.norm_layer(
-    config.norm, momentum=bn.momentum, epsilon=bn.epsilon, axis_name=axis_name, **options
+    config.norm,
+    config.api,
+    momentum=bn.momentum,
+    epsilon=bn.epsilon,
+    axis_name=axis_name,
+    **options,
   )
+  if config.api == 'nnx':
+    return functools.partial(models.NNXLeNet, norm, conv_impl=config.conv_impl)
   return models.LeNet(norm=norm, conv_impl=config.conv_impl)

@@ -17,6 +17,7 @@ blocks of all devices over ``axis_name``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -24,8 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from flax.training import train_state
 from jax import lax
+
+from jaxbn import nnx_apply
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -37,17 +41,28 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, learning_rate: float) -> TrainState:
-  """Initializes ``model`` (on (1, 28, 28, 1) images) and ``optax.sgd(learning_rate)``."""
-  # One compiled call (op by op, initialisation compiled ~125 small programs),
-  # without LLVM's optimisations: it runs once, and its random-number code
-  # otherwise took 1.3 s of a 1.6 s compilation. Same values either way.
-  init = jax.jit(functools.partial(model.init, train=False))
-  example = jnp.zeros((1, 28, 28, 1), jnp.float32)
-  init = init.lower(rng, example).compile({'xla_backend_optimization_level': 0})
-  variables = init(rng, example)
+def create_train_state(
+  rng: jax.Array, model: nn.Module | Callable[..., nnx.Module], learning_rate: float
+) -> TrainState:
+  """Initializes ``model`` and ``optax.sgd(learning_rate)``.
+
+  ``model`` is a linen module (initialised on (1, 28, 28, 1) images) or the
+  constructor of an NNX module, called as ``model(rngs=nnx.Rngs(rng))`` (e.g.
+  ``functools.partial(models.NNXLeNet, norm=...)``), which then trains through
+  `jaxbn.nnx_apply.as_apply`: the same state, step and checkpoints as linen's.
+  """
+  if isinstance(model, nn.Module):
+    # One compiled call (op by op, initialisation compiled ~125 small programs),
+    # without LLVM's optimisations: it runs once, and its random-number code
+    # otherwise took 1.3 s of a 1.6 s compilation. Same values either way.
+    init = jax.jit(functools.partial(model.init, train=False))
+    example = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    init = init.lower(rng, example).compile({'xla_backend_optimization_level': 0})
+    apply_fn, variables = model.apply, init(rng, example)
+  else:
+    apply_fn, variables = nnx_apply.as_apply(model(rngs=nnx.Rngs(rng)))
   state = TrainState.create(
-    apply_fn=model.apply,
+    apply_fn=apply_fn,
     params=variables['params'],
     batch_stats=variables.get('batch_stats', {}),
     tx=optax.sgd(learning_rate),

@@ -211,7 +211,7 @@ def _record(run: _Run, state: steps.TrainState, records: list[Record]) -> None:
   if jax.process_index() == 0:  # orbax coordinates the processes' checkpoints itself
     workdir_lib.write_metrics(run.workdir, records)
     workdir_lib.plot_curves(
-      run.workdir, records, f'LeNet, norm={config.norm}, lr={config.learning_rate}'
+      run.workdir, records, f'LeNet ({config.api}), norm={config.norm}, lr={config.learning_rate}'
     )
   print(
     f'epoch {record["epoch"]:>{len(str(config.num_epochs))}}/{config.num_epochs}  '

@@ -572,10 +572,20 @@ class ExtrasTest(chex.TestCase):
 
 
 class ErrorTest(parameterized.TestCase):
-  def test_complex_input_raises_batch_norms_type_error(self):
-    model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
-    with self.assertRaisesRegex(TypeError, r'real floating-point.*complex64'):
-      model(jnp.ones((4, 3), jnp.complex64))
+  def test_complex_input_is_normalized_as_the_linen_module_does(self):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 3)) + 1j * rng.normal(size=(8, 3)) + 2 - 1j, jnp.complex64)
+    model = jnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    linen = jaxbn.BatchNorm(momentum=0.9, use_running_average=False)
+    variables = linen.init(jax.random.key(0), x)
+    want, updates = linen.apply(variables, x, mutable=['batch_stats'])
+    chex.assert_trees_all_close(model(x), want, rtol=1e-6, atol=1e-6)
+    self.assertEqual((model.mean[...].dtype, model.var[...].dtype), (jnp.complex64, jnp.float32))
+    chex.assert_trees_all_close(
+      (model.mean[...], model.var[...]),
+      (updates['batch_stats']['mean'], updates['batch_stats']['var']),
+      rtol=1e-6,
+    )
 
   def test_training_on_a_single_dense_example_raises(self):
     model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
