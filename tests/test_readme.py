@@ -41,3 +41,15 @@ def test_readme_folding_example_gives_the_model_outputs():
   assert 'BatchNorm_0' not in namespace['params']
   want = namespace['predict'](params, stats, x)
   np.testing.assert_allclose(namespace['logits'], want, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_nnx_example_trains_and_evaluates():
+  blocks = re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
+  (example,) = [b for b in blocks if 'jnnx.BatchNorm' in b]
+  namespace = {}
+  exec(example, namespace)
+  losses = namespace['losses']
+  assert losses[-1] < 0.5 * losses[0]
+  assert float(namespace['accuracy']) > 0.9
+  stats = namespace['model'].bn
+  assert not np.allclose(stats.mean[...], 0.0) and not np.allclose(stats.var[...], 1.0)
