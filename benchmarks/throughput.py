@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # for the configs/ package
 
 from configs import lenet_bn  # noqa: E402
 from jaxbn import data as data_lib  # noqa: E402
-from jaxbn import parallel, settings, steps  # noqa: E402
+from jaxbn import parallel, provenance, settings, steps  # noqa: E402
 
 JAX_NORMS = ('jaxbn', 'flax', 'none')
 REFERENCE = 'torch nn.BatchNorm'
@@ -79,10 +79,10 @@ class JaxVariant:
 
   framework = 'jax'
 
-  def __init__(self, norm: str, dataset: data_lib.Dataset, batch_size: int):
-    self.name = f'jaxbn LeNet, norm={norm}'
+  def __init__(self, norm: str, dataset: data_lib.Dataset, batch_size: int, api: str = 'linen'):
+    self.name = f'jaxbn LeNet, norm={norm}' + (' (NNX)' if api == 'nnx' else '')
     config = lenet_bn.get_config()
-    config.norm = norm
+    config.norm, config.api = norm, api
     config.batch_size = batch_size
     self.batch_size = batch_size
     model = settings.build_model(config)
@@ -239,6 +239,7 @@ def measure(args: argparse.Namespace) -> dict:
   dataset = data_lib.load_fashion_mnist()
   steps_per_epoch = len(dataset.train_labels) // args.batch_size
   variants = [JaxVariant(norm, dataset, args.batch_size) for norm in JAX_NORMS]
+  variants.append(JaxVariant('jaxbn', dataset, args.batch_size, api='nnx'))
   torch_version = None
   if not args.skip_torch and torch_available():
     import torch
@@ -274,6 +275,7 @@ def measure(args: argparse.Namespace) -> dict:
   for row in rows:
     row['ratio_to_torch_nn_batchnorm'] = paired_ratio(rates, row['variant'], REFERENCE)
   return {
+    'provenance': provenance.record(),
     'device': device_description(),
     'jax_version': jax.__version__,
     'torch_version': torch_version,
@@ -284,6 +286,9 @@ def measure(args: argparse.Namespace) -> dict:
     'load_average_before_after': [load_before[0], load_after[0]],
     'rows': rows,
     'jaxbn_over_flax': paired_ratio(rates, 'jaxbn LeNet, norm=jaxbn', 'jaxbn LeNet, norm=flax'),
+    'nnx_over_linen': paired_ratio(
+      rates, 'jaxbn LeNet, norm=jaxbn (NNX)', 'jaxbn LeNet, norm=jaxbn'
+    ),
     'end_to_end_epochs': args.epochs,
     'end_to_end': (
       end_to_end(args.epochs, args.batch_size, torch_version is not None, args.end_to_end_repeats)
@@ -335,6 +340,7 @@ def print_table(results: dict) -> None:
   print(
     '\n* extrapolated: compile + 10 x (one epoch at the median rate + one test-set evaluation).'
     f'\njaxbn BN / flax BN throughput: {format_ratio(results["jaxbn_over_flax"])}'
+    f'\nNNX / linen throughput (jaxbn BN): {format_ratio(results["nnx_over_linen"])}'
   )
   e2e = results['end_to_end']
   if e2e:
