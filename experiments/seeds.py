@@ -11,9 +11,10 @@ the data held in memory. Each run is a fresh process with its own workdir under
 the command can be interrupted and repeated. The table (median over seeds of
 the final loss, train acc and test acc, the range of the final test acc over
 seeds and over the epochs of the median seed, and the median examples/s of the
-epochs) is printed and written to ``--out``/table.md, the figures with the
-command, commit, CPU and package versions (`jaxbn.provenance`) to
-``--out``/results.json.
+epochs) is printed and written to ``--out``/table.md, and the figures to
+``--out``/results.json, each config's with the command, commit, CPU and
+package versions of its runs (`jaxbn.provenance`): running some configs
+updates their rows and keeps the others'.
 """
 
 import argparse
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from jaxbn import provenance  # noqa: E402
 
 TORCH = {'torch_scratch': 'scratch', 'torch_nn': 'nn'}
-CONFIGS = ['lenet_bn', 'lenet_bn_flax', 'lenet', 'torch_scratch', 'torch_nn']
+CONFIGS = ['lenet_bn', 'lenet_bn_flax', 'lenet_bn_nnx', 'lenet', 'torch_scratch', 'torch_nn']
 EPOCHS = 10
 
 
@@ -100,14 +101,24 @@ def main(argv=None):
   record = provenance.record()
   args.workdirs = args.workdirs or ROOT / 'workdirs' / f'seeds-{(record["commit"] or "")[:12]}'
   summary = {
-    config: {'seeds': args.seeds, **summarize([run(config, s, args.workdirs) for s in args.seeds])}
+    config: {
+      'seeds': args.seeds,
+      'epochs': EPOCHS,
+      **summarize([run(config, s, args.workdirs) for s in args.seeds]),
+    }
     for config in args.configs
   }
-  text = table(summary)
+  # Each config's entry names the command, commit and machine of its runs; the
+  # configs not run now keep theirs.
+  path = args.out / 'results.json'
+  results = json.loads(path.read_text()) if path.exists() else {}
+  results.update({config: {'provenance': record, **s} for config, s in summary.items()})
+  order = [c for c in CONFIGS if c in results] + [c for c in results if c not in CONFIGS]
+  results = {config: results[config] for config in order}
+  text = table(results)
   args.out.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(results, indent=1) + '\n')
   (args.out / 'table.md').write_text(text)
-  results = {'provenance': record, 'epochs': EPOCHS, 'configs': summary}
-  (args.out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
   print(text)
 
 
