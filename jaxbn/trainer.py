@@ -165,7 +165,8 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int) -> tuple[steps.
   meter.bar.close()
   if not bool(_all_finite(state.params)):
     raise FloatingPointError(
-      f'The parameters stopped being finite in epoch {epoch}. Stopped; '
+      f'The parameters stopped being finite in epoch {epoch} (they are checked after its '
+      f'last step, step {int(state.step)} of the run). Stopped; '
       f'{_kept(epoch, run.workdir)} Try a lower learning_rate.'
     )
   examples = run.steps_per_epoch * config.batch_size

@@ -154,3 +154,24 @@ def test_a_fault_in_epoch_two_keeps_epoch_one(tmp_path, monkeypatch):
   assert [r['epoch'] for r in metrics(tmp_path)] == [1]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
   assert (tmp_path / 'curves.png').exists()
+
+
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_epoch(tmp_path, monkeypatch):
+  """A NaN in the parameters (the loss still finite) in epoch 2: epoch 1's outputs survive."""
+  real_train_steps = steps.train_steps
+
+  def faulty_train_steps(state, images, labels, batch_indices, **options):
+    new_state, m = real_train_steps(state, images, labels, batch_indices, **options)
+    poisoned = new_state.step > 2048 // 64 + 3
+    params = jax.tree.map(lambda p: jnp.where(poisoned, jnp.nan, p), new_state.params)
+    return new_state.replace(params=params), m
+
+  monkeypatch.setattr(steps, 'train_steps', faulty_train_steps)
+  config = lenet_bn.get_config()
+  config.update({'num_epochs': 3, 'batch_size': 64, 'progress_bar': False})
+  config.data.update({'num_train': 2048, 'num_test': 500})
+  pattern = r'parameters stopped being finite in epoch 2 .*step 64 of the run'
+  with pytest.raises(FloatingPointError, match=pattern):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert [r['epoch'] for r in metrics(tmp_path)] == [1]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
