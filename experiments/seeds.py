@@ -84,6 +84,12 @@ def table(summary: dict) -> str:
       f'{s["test_accuracy"]:.3f} | {min(seeds):.3f} - {max(seeds):.3f} | '
       f'{min(epochs):.3f} - {max(epochs):.3f} | {s["examples_per_sec"]:,.0f} |'
     )
+  # The median over seeds, epoch by epoch: how the test accuracy swings.
+  rows += ['', '| median test acc, epoch | ' + ' | '.join(map(str, range(1, EPOCHS + 1))) + ' |']
+  rows.append('|---' * (EPOCHS + 1) + '|')
+  for config, s in summary.items():
+    medians = [statistics.median(epoch) for epoch in zip(*s['per_epoch_test_accuracy'])]
+    rows.append(f'| {config} | ' + ' | '.join(f'{m:.3f}' for m in medians) + ' |')
   return '\n'.join(rows) + '\n'
 
 
