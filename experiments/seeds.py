@@ -88,7 +88,8 @@ def table(summary: dict) -> str:
   rows += ['', '| median test acc, epoch | ' + ' | '.join(map(str, range(1, EPOCHS + 1))) + ' |']
   rows.append('|---' * (EPOCHS + 1) + '|')
   for config, s in summary.items():
-    medians = [statistics.median(epoch) for epoch in zip(*s['per_epoch_test_accuracy'])]
+    per_epoch = zip(*s['per_epoch_test_accuracy'], strict=True)
+    medians = [statistics.median(epoch) for epoch in per_epoch]
     rows.append(f'| {config} | ' + ' | '.join(f'{m:.3f}' for m in medians) + ' |')
   return '\n'.join(rows) + '\n'
 
