@@ -1,11 +1,13 @@
 r"""Test accuracy per epoch with running averages vs precise statistics, over seeds.
 
-  python experiments/seeds.py --configs lenet_bn_precise --out experiments/results/precise
-  python experiments/precise_vs_running.py experiments/results/precise
+  python experiments/seeds.py --configs lenet_bn_precise --workdirs workdirs/precise \
+      --out results/precise
+  python experiments/precise_vs_running.py workdirs/precise results/precise
 
 Each run of configs/lenet_bn_precise.py evaluates twice per epoch: with the
 EMA running averages (test_accuracy_running, what the chapter reports) and
-with precise statistics (test_accuracy). Writes precise.md and precise.png.
+with precise statistics (test_accuracy). Reads the runs' workdirs in the first
+folder; writes precise.md and precise.png into the second.
 """
 
 import json
@@ -14,10 +16,10 @@ import statistics
 import sys
 
 
-def main(out: pathlib.Path):
+def main(workdirs: pathlib.Path, out: pathlib.Path):
   runs = [
     [json.loads(line) for line in (d / 'metrics.jsonl').read_text().splitlines()]
-    for d in sorted(out.glob('lenet_bn_precise-seed*'))
+    for d in sorted(workdirs.glob('lenet_bn_precise-seed*'))
   ]
   runs = [r for r in runs if len(r) == len(runs[0])]
   epochs = [r['epoch'] for r in runs[0]]
@@ -44,6 +46,7 @@ def main(out: pathlib.Path):
   rows.append('')
   for label, values in final.items():
     rows.append(f'epoch {epochs[-1]}, {label}: ' + ', '.join(f'{v:.3f}' for v in values))
+  out.mkdir(parents=True, exist_ok=True)
   (out / 'precise.md').write_text('\n'.join(rows) + '\n')
   print('\n'.join(rows))
 
@@ -68,4 +71,4 @@ def main(out: pathlib.Path):
 
 
 if __name__ == '__main__':
-  main(pathlib.Path(sys.argv[1]))
+  main(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))

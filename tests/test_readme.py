@@ -1,5 +1,6 @@
 """The README's "use it in your own model" example runs and does what it says."""
 
+import json
 import pathlib
 import re
 
@@ -53,3 +54,21 @@ def test_readme_nnx_example_trains_and_evaluates():
   assert float(namespace['accuracy']) > 0.9
   stats = namespace['model'].bn
   assert not np.allclose(stats.mean[...], 0.0) and not np.allclose(stats.var[...], 1.0)
+
+
+def test_readme_tables_are_their_results_files():
+  """Each block marked <!-- results/FILE --> ... <!-- end --> is FILE, to the character.
+
+  The files are written by the commands the README cites, each with its
+  command, commit and CPU in the results JSON beside it.
+  """
+  root = README.parent
+  blocks = re.findall(r'<!-- (results/\S+) -->\n(.*?)<!-- end -->', README.read_text(), re.S)
+  assert {path for path, _ in blocks} >= {'results/seeds/table.md'}
+  for path, block in blocks:
+    assert block == (root / path).read_text(), f'README block differs from {path}'
+    provenance = json.loads((root / path).with_name('results.json').read_text())
+    records = provenance.values() if 'provenance' not in provenance else [provenance]
+    for record in records:
+      assert re.fullmatch(r'[0-9a-f]{40}(\+dirty)?', record['provenance']['commit'])
+      assert record['provenance']['cpu']['model_name']
