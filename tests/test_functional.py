@@ -5,9 +5,7 @@ equations in float64 NumPy and independent of jaxbn, or from invariants
 (vmap, gradients, shift and scale invariance) that any correct batch norm has.
 """
 
-import doctest
 import functools
-import io
 import math
 
 import chex
@@ -1041,18 +1039,6 @@ class PropertyTest(parameterized.TestCase):
 
 # ---------------------------------------------------------------------------
 # Docstring examples.
-
-
-class DocTest(absltest.TestCase):
-  def test_docstring_examples_pass(self):
-    finder, out = doctest.DocTestFinder(), io.StringIO()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for module in (jaxbn.functional, jaxbn.linen):
-      for test in finder.find(module):
-        runner.run(test, out=out.write)
-    results = runner.summarize(verbose=False)
-    self.assertGreater(results.attempted, 0)
-    self.assertEqual(results.failed, 0, out.getvalue())
 
 
 if __name__ == '__main__':

@@ -11,9 +11,7 @@ The SPMD and pmap tests need 8 host devices, set by XLA_FLAGS before JAX starts:
 subprocess that has them (tests/conftest.py deselects them here).
 """
 
-import doctest
 import inspect
-import io
 import os
 import pathlib
 import re
@@ -839,17 +837,6 @@ def test_on_8_host_devices():
   assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
   ran = int(re.search(r'(\d+) passed', result.stdout).group(1))
   assert ran == ON_8_DEVICES_COUNT and 'skipped' not in result.stdout, result.stdout[-2000:]
-
-
-class DocTest(absltest.TestCase):
-  def test_docstring_examples_pass(self):
-    finder, out = doctest.DocTestFinder(), io.StringIO()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(jnnx):
-      runner.run(test, out=out.write)
-    results = runner.summarize(verbose=False)
-    self.assertGreater(results.attempted, 0)
-    self.assertEqual(results.failed, 0, out.getvalue())
 
 
 if __name__ == '__main__':
