@@ -329,3 +329,26 @@ def test_virtual_batch_not_dividing_each_device_block_is_a_config_error(tmp_path
   with pytest.raises(settings.ConfigError, match='divide the 4 examples of each of the 8'):
     trainer.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / 'config.json').exists()  # refused before anything was written
+
+
+@in_main_session
+@pytest.mark.parametrize(
+  'address, processes, process_id, expected',
+  [
+    ('auto', 0, -1, dict(coordinator_address=None, num_processes=None, process_id=None)),
+    ('host0:1234', 4, 2, dict(coordinator_address='host0:1234', num_processes=4, process_id=2)),
+  ],
+)
+def test_initialize_distributed_hands_the_cluster_settings_to_jax(
+  monkeypatch, address, processes, process_id, expected
+):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  config = lenet_bn.get_config().distributed
+  config.update(coordinator_address=address, num_processes=processes, process_id=process_id)
+  parallel.initialize_distributed(config)
+  assert calls == [expected]
+  config.coordinator_address = ''  # one process: nothing to start
+  parallel.initialize_distributed(config)
+  assert len(calls) == 1

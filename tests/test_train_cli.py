@@ -72,6 +72,8 @@ def test_help_explains_the_command():
     ('--config.norm=layer', "config.norm='layer' is unknown"),
     ('--config.bn.stats=sync', "config.bn.stats='sync' is unknown"),
     ('--config.data.num_train=100', 'config.batch_size=256 is larger than the 100 training'),
+    ('--config.bn.momentun=0.5', 'momentun'),  # a typo in a nested field
+    ('--config.batch_size=1', 'single value per feature'),
   ],
 )
 def test_bad_flags_fail_with_a_message_and_no_traceback(tmp_path, flag, expected):
@@ -79,3 +81,24 @@ def test_bad_flags_fail_with_a_message_and_no_traceback(tmp_path, flag, expected
   assert result.returncode != 0
   assert expected in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_corrupt_idx_files_and_an_unwritable_workdir_fail_with_a_message(tmp_path):
+  idx = tmp_path / 'idx'
+  idx.mkdir()
+  for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte'):
+    (idx / f'{name}.gz').symlink_to(f'/usr/share/datasets/fashion-mnist/{name}.gz')
+  (idx / 't10k-labels-idx1-ubyte.gz').write_bytes(b'not gzip at all')
+  data_flags = [f'--config.data.idx_dir={idx}', f'--config.data.data_dir={tmp_path / "cache"}']
+  result = train(
+    '--config=configs/lenet_bn.py', f'--workdir={tmp_path / "run"}', *data_flags,
+    '--config.data.download=False',
+  )  # fmt: skip
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert 't10k-labels-idx1-ubyte.gz is not a complete gzip file' in result.stderr
+
+  blocker = tmp_path / 'a-file'
+  blocker.write_text('')
+  result = train('--config=configs/lenet_bn.py', f'--workdir={blocker / "run"}')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert f'Cannot write to workdir {blocker / "run"}' in result.stderr
