@@ -46,7 +46,7 @@ test: data $(VENV)/.installed lint
 
 bench: data $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/throughput.py $(ARGS)
+	$(PY) benchmarks/throughput.py --repeats 15 --out results/throughput $(ARGS)
 
 # Deliberate bugs in a copy of jaxbn; fails if a test misses one (tests/mutants.py).
 mutants: data $(VENV)/.installed

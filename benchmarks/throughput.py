@@ -2,7 +2,7 @@ r"""Training throughput of jaxbn's LeNet and of the chapter's PyTorch LeNet, in 
 
   python benchmarks/throughput.py                      # about 2 minutes on 2 idle CPU cores
   python benchmarks/throughput.py --steps 10 --repeats 3 --skip-torch --epochs 0
-  python benchmarks/throughput.py --json bench.json    # the table as JSON too
+  python benchmarks/throughput.py --out results/throughput   # results.json and table.md
 
 Measures steady-state training examples/s at batch 256 on real Fashion-MNIST
 (`jaxbn.data.load_fashion_mnist`) for jaxbn's LeNet with each normalisation
@@ -70,7 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     '--end-to-end-repeats', type=int, default=1, help='runs of each script; the median is kept'
   )
-  parser.add_argument('--json', type=pathlib.Path, help='also write the results to this file')
+  parser.add_argument(
+    '--out',
+    type=pathlib.Path,
+    help='write results.json (with provenance) and table.md (the README tables) here',
+  )
   return parser.parse_args(argv)
 
 
@@ -356,13 +360,44 @@ def print_table(results: dict) -> None:
       print(f'  {run["run"]:<36} {run["seconds"]:6.1f}  test acc {run["test_accuracy"]}{ratio}')
 
 
+def markdown(results: dict) -> str:
+  """The README's speed tables, with the commit and CPU they were measured at."""
+  record = results['provenance']
+  lines = [
+    f'Measured at commit {record["commit"][:12]} on {record["cpu_description"]}; '
+    f'jax {record["packages"]["jax"]}, torch {record["packages"]["torch"]}; '
+    f'{results["rounds"]} rounds of {results["steps_per_round"]} steps, batch '
+    f'{results["batch_size"]}.',
+    '',
+    '| variant | examples/s | vs PyTorch `nn.BatchNorm` (quartiles) | compile (s) |',
+    '|---|---|---|---|',
+  ]
+  for row in results['rows']:
+    lines.append(
+      f'| {row["variant"]} | {row["examples_per_sec"]:,.0f} | '
+      f'{format_ratio(row["ratio_to_torch_nn_batchnorm"])} | {row["compile_seconds"]:.1f} |'
+    )
+  lines += [
+    '',
+    f'jaxbn BN / Flax BN: {format_ratio(results["jaxbn_over_flax"])}; '
+    f'NNX / linen (jaxbn BN): {format_ratio(results["nnx_over_linen"])}.',
+  ]
+  if results['end_to_end']:
+    lines += ['', '| script, 10 epochs end to end | seconds | test acc |', '|---|---|---|']
+    for run in results['end_to_end']:
+      lines.append(f'| {run["run"]} | {run["seconds"]:.1f} | {run["test_accuracy"]} |')
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   results = measure(args)
   print_table(results)
-  if args.json:
-    args.json.write_text(json.dumps(results, indent=2) + '\n')
-    print(f'wrote {args.json}')
+  if args.out:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+    (args.out / 'table.md').write_text(markdown(results))
+    print(f'wrote {args.out}/results.json and table.md')
 
 
 if __name__ == '__main__':
