@@ -1,6 +1,7 @@
 r"""Train-step throughput of data-parallel LeNet-BN on 1, 2, 4 and 8 host CPU devices.
 
-  python benchmarks/devices.py [--devices 1 2 4 8] [--batch_size 256] [--steps 40]
+  python benchmarks/devices.py [--devices 1 2 4 8] [--batch_size 256] [--steps 40] \
+      [--out results/devices]
 
 Each device count runs in its own process (XLA_FLAGS must set the number of
 host devices before JAX starts) and times the trainer's step,
@@ -78,11 +79,15 @@ def main():
   parser.add_argument('--batch_size', type=int, default=256, help='global batch (default 256)')
   parser.add_argument('--steps', type=int, default=40, help='timed steps per repeat')
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument(
+    '--out', type=pathlib.Path, help='write results.json (with provenance) and table.md here'
+  )
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(measure(args.batch_size, args.steps, args.repeats)))
     return
+  rows = []
 
   print(f'LeNet-BN train step, global batch {args.batch_size}, on {os.cpu_count()} CPU cores')
   print(f'{"devices":>7}  {"per device":>10}  {"global BN":>14}  {"per-device BN":>14}')
@@ -100,6 +105,7 @@ def main():
     if result.returncode:
       sys.exit(f'{n} devices failed:\n{result.stderr[-3000:]}')
     rates = json.loads(result.stdout.strip().splitlines()[-1])
+    rows.append({'devices': n, 'per_device_batch': args.batch_size // n, **rates})
     print(
       f'{n:>7}  {args.batch_size // n:>10}  {rates["global"]:>10,.0f} ex/s'
       f'  {rates["per_device"]:>10,.0f} ex/s',
@@ -109,6 +115,29 @@ def main():
     f'All host devices share the same {os.cpu_count()} cores: this is the cost of sharding '
     'and collectives, not multi-device scaling.'
   )
+  if args.out:
+    write(args.out, rows)
+
+
+def write(out: pathlib.Path, rows: list[dict]) -> None:
+  """results.json (rows and provenance) and table.md (the README's table) in ``out``."""
+  sys.path.insert(0, str(ROOT))
+  from jaxbn import provenance
+
+  record = provenance.record()
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'results.json').write_text(json.dumps({'provenance': record, 'rows': rows}, indent=1))
+  lines = [
+    f'Measured at commit {record["commit"][:12]} on {record["cpu_description"]}.',
+    '',
+    '| devices | examples per device | global BN, examples/s | per-device BN, examples/s |',
+    '|---|---|---|---|',
+  ]
+  lines += [
+    f'| {r["devices"]} | {r["per_device_batch"]} | {r["global"]:,.0f} | {r["per_device"]:,.0f} |'
+    for r in rows
+  ]
+  (out / 'table.md').write_text('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
