@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODES = ('global', 'per_device')
 
 
-def measure(batch_size: int, steps: int, repeats: int) -> dict[str, float]:
+def measure(batch_size: int, num_steps: int, repeats: int) -> dict[str, float]:
   """Examples/s of each BN mode on this process's devices (best of ``repeats``)."""
   import jax
   import numpy as np
@@ -36,7 +36,7 @@ def measure(batch_size: int, steps: int, repeats: int) -> dict[str, float]:
 
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
-  num_examples = batch_size * steps
+  num_examples = batch_size * num_steps
   images, labels = parallel.replicate(
     mesh,
     (
@@ -45,7 +45,7 @@ def measure(batch_size: int, steps: int, repeats: int) -> dict[str, float]:
     ),
   )
   indices = parallel.replicate(mesh, np.arange(num_examples, dtype=np.int32))
-  indices = [indices[i * batch_size : (i + 1) * batch_size][None] for i in range(steps)]
+  indices = [indices[i * batch_size : (i + 1) * batch_size][None] for i in range(num_steps)]
   runs = {}
   for mode in MODES:
     config = lenet_bn.get_config()
