@@ -60,6 +60,27 @@ __all__ = [
 ]
 
 
+# The options of `batch_norm` that jaxbn.BatchNorm and jaxbn.nnx.BatchNorm hold
+# as attributes of the same names.
+LAYER_OPTIONS = (
+  'axis',
+  'momentum',
+  'epsilon',
+  'unbiased_running_var',
+  'use_fast_variance',
+  'force_float32_reductions',
+  'axis_name',
+  'axis_index_groups',
+  'dtype',
+  'virtual_batch_size',
+)
+
+
+def layer_options(layer: Any) -> dict[str, Any]:
+  """The `batch_norm` keyword arguments that ``layer`` holds as attributes (`LAYER_OPTIONS`)."""
+  return {name: getattr(layer, name) for name in LAYER_OPTIONS}
+
+
 class BatchNormOutput(NamedTuple):
   """What `batch_norm` returns: the output and the new running statistics."""
 
@@ -211,14 +232,8 @@ def batch_norm(
   x = jnp.asarray(x)
   feature_axes = canonicalize_axes(x.ndim, axis)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-  _check_inputs(
-    x,
-    feature_axes,
-    dict(scale=scale, bias=bias, mean=mean, var=var),
-    momentum,
-    count,
-    renorm_clip,
-  )
+  stats = dict(scale=scale, bias=bias, mean=mean, var=var)
+  _check_inputs(x, feature_axes, stats, momentum, count, renorm_clip)
   stats_dtype = jnp.result_type(x, jnp.float32) if force_float32_reductions else x.dtype
   if dtype is None:
     dtype = jnp.result_type(*(v for v in (x, scale, bias) if v is not None))
@@ -233,9 +248,8 @@ def batch_norm(
   groups = num_groups(x.shape[0], feature_axes, virtual_batch_size)
   xg, group_axes = split_batch(x, reduction_axes, groups)
   _check_values_per_feature(x.shape, feature_axes, xg, group_axes, groups, axis_name)
-  group_mask = None
   if mask is not None:
-    group_mask, _ = split_batch(
+    mask, _ = split_batch(
       jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
     )
   y, batch_mean, batch_var = normalize(
@@ -243,18 +257,18 @@ def batch_norm(
     *(with_group_axis(v, groups) for v in (scale, bias, mean, var)),
     epsilon,
     axes=group_axes,
-    mask=group_mask,
+    mask=mask,
     renorm_clip=renorm_clip,
     use_fast_variance=use_fast_variance,
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
   )
   if unbiased_running_var:
-    n = value_count(xg, group_axes, group_mask, axis_name, axis_index_groups)
+    n = value_count(xg, group_axes, mask, axis_name, axis_index_groups)
     batch_var = unbiased_variance(batch_var, n)
-  batch_mean, batch_var = mean_over_groups((batch_mean, batch_var), groups)
+  batch_stats = mean_over_groups((batch_mean, batch_var), groups)
   if momentum is None:
-    new_mean, new_var = cumulative_update((mean, var), (batch_mean, batch_var), count)
+    new_mean, new_var = cumulative_update((mean, var), batch_stats, count)
   else:
-    new_mean, new_var = ema_update((mean, var), (batch_mean, batch_var), momentum)
+    new_mean, new_var = ema_update((mean, var), batch_stats, momentum)
   return BatchNormOutput(y.reshape(x.shape).astype(dtype), new_mean, new_var)

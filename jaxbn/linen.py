@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jaxbn.functional import batch_norm
+from jaxbn.functional import batch_norm, layer_options
 from jaxbn.renorm import renorm_schedule
 from jaxbn.statistics import Axes, canonicalize_axes
 
@@ -124,6 +124,9 @@ class BatchNorm(nn.Module):
       # `init` with one example (e.g. a dummy (1, C) input) must not fail the
       # single-value check of training mode: nothing is learned from it.
       use_running_average = True
+    options = layer_options(self)
+    if initializing:  # the named axis may not exist yet (as in Flax)
+      options.update(axis_name=None, axis_index_groups=None)
     y, new_mean, new_var = batch_norm(
       x,
       param('scale', self.scale_init, self.use_scale),
@@ -131,20 +134,10 @@ class BatchNorm(nn.Module):
       ra_mean.value,
       ra_var.value,
       use_running_average=use_running_average,
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
       count=None if count is None else count.value,
-      unbiased_running_var=self.unbiased_running_var,
-      use_fast_variance=self.use_fast_variance,
-      force_float32_reductions=self.force_float32_reductions,
       mask=mask,
-      # During init the named axis may not exist yet (as in Flax).
-      axis_name=None if initializing else self.axis_name,
-      axis_index_groups=None if initializing else self.axis_index_groups,
-      dtype=self.dtype,
-      virtual_batch_size=self.virtual_batch_size,
       renorm_clip=renorm_clip,
+      **options,
     )
     if not initializing and not use_running_average:
       ra_mean.value = new_mean

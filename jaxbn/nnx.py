@@ -13,7 +13,13 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn.functional import Axes, batch_norm, canonicalize_axes, renorm_schedule
+from jaxbn.functional import (
+  Axes,
+  batch_norm,
+  canonicalize_axes,
+  layer_options,
+  renorm_schedule,
+)
 
 _NO_MODE = (
   'No `use_running_average` argument was provided to BatchNorm. Give one of:\n\n'
@@ -231,19 +237,10 @@ class BatchNorm(nnx.Module):
       features(mean),
       features(var),
       use_running_average=use_running_average,
-      axis=self.axis,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
       count=None if self.count is None else self.count[...],
-      unbiased_running_var=self.unbiased_running_var,
-      use_fast_variance=self.use_fast_variance,
-      force_float32_reductions=self.force_float32_reductions,
       mask=mask,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      dtype=self.dtype,
-      virtual_batch_size=self.virtual_batch_size,
       renorm_clip=renorm_clip,
+      **layer_options(self),
     )
     if not use_running_average:
       # The running averages are state, not part of the loss: a later call

@@ -190,8 +190,8 @@ MUTANTS = (
   Mutant(
     'nnx: the mask is not passed to batch_norm',
     'jaxbn/nnx.py',
-    '      mask=mask,\n      axis_name=self.axis_name,',
-    '      axis_name=self.axis_name,',
+    '      count=None if self.count is None else self.count[...],\n      mask=mask,',
+    '      count=None if self.count is None else self.count[...],\n      mask=None,',
     ('tests/test_nnx.py',),
   ),
   Mutant(
