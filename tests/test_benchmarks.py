@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -36,3 +37,19 @@ def test_throughput_benchmark_writes_its_tables(tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert {r['variant'] for r in results['rows']} >= {'jaxbn LeNet, norm=jaxbn (NNX)'}
   assert 'jaxbn LeNet, norm=flax' in (tmp_path / 'table.md').read_text()
+
+
+def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path):
+  run('benchmarks/separate.py', '--isa', 'avx2', '--passes', '1', '--rounds', '1', '--steps', '2',
+      '--warmup', '1', '--variants', 'jaxbn LeNet, norm=none', 'torch nn.BatchNorm',
+      '--out', str(tmp_path))  # fmt: skip
+  results = json.loads((tmp_path / 'results.json').read_text())
+  jax_row, torch_row = results['rows']
+  assert jax_row['processes'][0]['isa'].startswith('XLA max ISA AVX2')
+  if shutil.which('objdump'):
+    assert ', 0 AVX-512 operands' in jax_row['processes'][0]['isa']
+  assert torch_row['processes'][0]['isa'] == 'ATen CPU capability AVX2'
+  assert torch_row['ratio_to_torch_nn_batchnorm']['median'] == 1.0
+  assert results['environment']['ATEN_CPU_CAPABILITY'] == 'avx2'
+  assert results['provenance']['cpu']['model_name']
+  assert 'jaxbn LeNet, norm=none' in (tmp_path / 'table.md').read_text()

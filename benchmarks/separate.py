@@ -1,0 +1,234 @@
+r"""Steady-state training rates with each variant in its own process, as a user runs two scripts.
+
+  python benchmarks/separate.py --out results/separate              # about 6 minutes
+  python benchmarks/separate.py --isa avx2 --out results/separate-avx2
+  python benchmarks/separate.py --passes 1 --rounds 1 --steps 2 --variants 'jaxbn LeNet, norm=jaxbn'
+
+``benchmarks/throughput.py`` times every variant in one process; here each
+pass starts one fresh process per variant, in turn (in reverse order every
+other pass), and each process loads the data, compiles or warms up, then
+times ``--rounds`` rounds of ``--steps`` steps at batch 256 (JAX as
+`jaxbn.trainer` dispatches them, PyTorch as ``d2l.train_ch6`` steps, 2
+threads) and reports the median. A ratio is the median over passes of the
+variant's rate over PyTorch ``nn.BatchNorm``'s in the same pass, with its
+quartiles. ``torch.compile`` (inductor) is a row of its own, skipped with the
+reason when it cannot compile.
+
+``--isa avx2`` runs both frameworks as on a CPU without AVX-512:
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's generated code; the XLA debug
+options of the compiled step are recorded to show it took effect),
+``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's kernels; ``torch.backends.cpu.
+get_cpu_capability()`` is recorded) and ``ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's
+convolutions). Writes ``results.json`` (rates, ratios, per-process ISA checks,
+provenance: commit, CPU model and flags, cores, load, versions) and
+``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import throughput
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxbn import provenance  # noqa: E402
+
+JAX_VARIANTS = {f'jaxbn LeNet, norm={norm}': norm for norm in throughput.JAX_NORMS}
+TORCH_VARIANTS = {
+  'torch LeNet, D2L BatchNorm': ('scratch', False),
+  throughput.REFERENCE: ('nn', False),
+  'torch nn.BatchNorm, torch.compile': ('nn', True),
+}
+VARIANTS = (*JAX_VARIANTS, *TORCH_VARIANTS)
+ISAS = ('native', 'avx2')
+
+
+def isa_environment(isa: str) -> dict[str, str]:
+  """The variables that restrict XLA, ATen and oneDNN to ``isa`` (none for 'native')."""
+  if isa == 'native':
+    return {}
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_cpu_max_isa={isa.upper()}'.strip()
+  return {'XLA_FLAGS': flags, 'ATEN_CPU_CAPABILITY': isa, 'ONEDNN_MAX_CPU_ISA': isa.upper()}
+
+
+RESULT = 'RESULT '
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[1].strip())
+  parser.add_argument('--passes', type=int, default=5, help='processes per variant')
+  parser.add_argument('--rounds', type=int, default=5, help='timed rounds in each process')
+  parser.add_argument('--steps', type=int, default=26, help='training steps per round')
+  parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
+  parser.add_argument('--batch-size', type=int, default=256)
+  parser.add_argument('--isa', choices=ISAS, default='native')
+  parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+  parser.add_argument('--out', type=pathlib.Path, help='write results.json and table.md here')
+  parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
+  parser.add_argument('--dump', help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+# Registers and operands that only AVX-512 code uses, in objdump's AT&T syntax.
+AVX512_ONLY = re.compile(r'%zmm|%k[1-7]|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to')
+
+
+def xla_isa_check(dump: pathlib.Path) -> str:
+  """XLA's max ISA as its compiled modules' debug options state it, and AVX-512 code found."""
+  isas = {
+    line.split(':', 1)[1].strip().strip('"')
+    for f in dump.glob('*.debug_options')
+    for line in f.read_text().splitlines()
+    if line.startswith('xla_cpu_max_isa')
+  }
+  check = f'XLA max ISA {"/".join(sorted(isas)) or "native"}'
+  if shutil.which('objdump'):
+    code = ''.join(
+      subprocess.run(['objdump', '-d', str(f)], capture_output=True, text=True).stdout
+      for f in dump.glob('*.o')
+    )
+    check += f', {len(AVX512_ONLY.findall(code))} AVX-512 operands in its code'
+  return check
+
+
+def torch_isa_check() -> str:
+  import torch
+
+  return f'ATen CPU capability {torch.backends.cpu.get_cpu_capability()}'
+
+
+def worker(args: argparse.Namespace) -> dict:
+  """Times ``args.worker`` in this process: its median rate over ``args.rounds`` rounds."""
+  dataset = throughput.data_lib.load_fashion_mnist()
+  name = args.worker
+  if name in JAX_VARIANTS:
+    variant = throughput.JaxVariant(JAX_VARIANTS[name], dataset, args.batch_size)
+  else:
+    if not throughput.torch_available():
+      return {'skipped': 'PyTorch is not installed (pip install -e .[bench])'}
+    norm, compiled = TORCH_VARIANTS[name]
+    variant = throughput.TorchVariant(norm, dataset, args.batch_size)
+    if compiled:
+      import torch
+
+      variant.trainer.net = torch.compile(variant.trainer.net)
+  try:
+    variant.run(args.warmup)
+  except Exception as error:  # inductor without a C compiler, an unsupported CPU...
+    return {'skipped': f'{type(error).__name__}: {str(error).splitlines()[0][:200]}'}
+  rates = []
+  for _ in range(args.rounds):
+    seconds, steps = variant.run(args.steps)
+    rates.append(steps * args.batch_size / seconds)
+  if name in JAX_VARIANTS:
+    isa = xla_isa_check(pathlib.Path(args.dump))
+  else:
+    isa = torch_isa_check()
+  return {'examples_per_sec': statistics.median(rates), 'rounds': rates, 'isa': isa}
+
+
+def run_worker(name: str, args: argparse.Namespace) -> dict:
+  with tempfile.TemporaryDirectory() as dump:
+    env = dict(os.environ, **isa_environment(args.isa))
+    env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} --xla_dump_to={dump}'.strip()
+    command = [
+      sys.executable, __file__, '--worker', name, '--rounds', str(args.rounds), '--steps',
+      str(args.steps), '--warmup', str(args.warmup), '--batch-size', str(args.batch_size),
+      '--dump', dump,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+  lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+  if done.returncode or not lines:
+    raise RuntimeError(f'the {name!r} process failed:\n{done.stderr[-3000:]}')
+  return json.loads(lines[-1][len(RESULT) :])
+
+
+def measure(args: argparse.Namespace) -> dict:
+  """``args.passes`` passes over the variants, one process each; rates and paired ratios."""
+  load_before = os.getloadavg()
+  passes = []
+  for index in range(args.passes):
+    order = args.variants[:: -1 if index % 2 else 1]
+    passes.append({name: run_worker(name, args) for name in order})
+    print(f'pass {index + 1}/{args.passes}: ' + ', '.join(
+      f'{name} {r.get("examples_per_sec", 0):,.0f}' for name, r in passes[-1].items()
+    ), flush=True)  # fmt: skip
+  rates = {
+    name: [p[name]['examples_per_sec'] for p in passes]
+    for name in args.variants
+    if all('examples_per_sec' in p[name] for p in passes)
+  }
+  rows = []
+  for name in args.variants:
+    row = {'variant': name, 'processes': [p[name] for p in passes]}
+    if name in rates:
+      row['examples_per_sec'] = statistics.median(rates[name])
+      row['ratio_to_torch_nn_batchnorm'] = throughput.paired_ratio(
+        rates, name, throughput.REFERENCE
+      )
+    else:
+      row['skipped'] = next(p[name]['skipped'] for p in passes if 'skipped' in p[name])
+    rows.append(row)
+  return {
+    'provenance': provenance.record(),
+    'isa': args.isa,
+    'environment': isa_environment(args.isa),
+    'batch_size': args.batch_size,
+    'passes': args.passes,
+    'rounds_per_process': args.rounds,
+    'steps_per_round': args.steps,
+    'load_average_before_after': [load_before[0], os.getloadavg()[0]],
+    'rows': rows,
+  }
+
+
+def markdown(results: dict) -> str:
+  """The README table: rates, paired ratios and the ISA each process reported."""
+  record = results['provenance']
+  lines = [
+    f'Measured at commit {record["commit"][:12]} on {record["cpu_description"]}, ISA '
+    f'{results["isa"]}; jax {record["packages"]["jax"]}, torch {record["packages"]["torch"]}; '
+    f'{results["passes"]} processes per variant, each {results["rounds_per_process"]} rounds '
+    f'of {results["steps_per_round"]} steps, batch {results["batch_size"]}.',
+    '',
+    '| variant, own process | examples/s | vs PyTorch `nn.BatchNorm` (quartiles) | kernels |',
+    '|---|---|---|---|',
+  ]
+  for row in results['rows']:
+    if 'skipped' in row:
+      lines.append(f'| {row["variant"]} | skipped: {row["skipped"]} | | |')
+      continue
+    ratio = throughput.format_ratio(row['ratio_to_torch_nn_batchnorm'])
+    isa = row['processes'][0]['isa']
+    lines.append(f'| {row["variant"]} | {row["examples_per_sec"]:,.0f} | {ratio} | {isa} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  if args.worker:
+    print(RESULT + json.dumps(worker(args)), flush=True)
+    return
+  results = measure(args)
+  table = markdown(results)
+  print('\n' + table)
+  if args.out:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+    (args.out / 'table.md').write_text(table)
+    print(f'wrote {args.out}/results.json and table.md')
+
+
+if __name__ == '__main__':
+  main()
