@@ -1,11 +1,12 @@
 r"""The chapter's claims, measured: BN allows a high learning rate; BN needs large enough batches.
 
-  python experiments/claims.py --out experiments/results/claims            # both studies
+  python experiments/claims.py                 # both studies, into results/claims
   python experiments/claims.py --study batch_size --epochs 2
 
 Each run is a real `train.py` process (configs/lenet_bn.py with overrides) in
-its own workdir under --out; finished runs are reused (train.py resumes them).
-Writes `<study>.md` (a Markdown table) and `<study>.json` next to the runs.
+its own workdir under --workdirs; finished runs are reused (train.py resumes
+them). Writes `<study>.md` (the README's table, with the commit and CPU) and
+`results.json` (every run's per-epoch records, with `jaxbn.provenance`) into --out.
 
 * learning_rate: LeNet with and without BN at lr 1.0 and 0.1, 10 epochs.
 * batch_size: batch sizes 2, 4, 16, 64, 256 with plain BN (the batch is the
@@ -22,6 +23,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxbn import provenance  # noqa: E402
 
 
 def learning_rate_runs(epochs):
@@ -72,36 +76,69 @@ def train(name, overrides, out):
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
-def main():
+def learning_rate_table(runs: dict) -> list[str]:
+  cell = lambda r: f'{r[-1]["test_accuracy"]:.3f} (loss {r[-1]["train_loss"]:.3f})'
+  return [
+    '| | lr 1.0 | lr 0.1 |',
+    '|---|---|---|',
+    f'| LeNet with BN (`jaxbn`) | {cell(runs["jaxbn-lr1.0"])} | {cell(runs["jaxbn-lr0.1"])} |',
+    f'| LeNet without BN | {cell(runs["none-lr1.0"])} | {cell(runs["none-lr0.1"])} |',
+  ]
+
+
+def batch_size_table(runs: dict) -> list[str]:
+  sizes = (2, 4, 16, 64, 256)
+  cell = lambda r: f'{r[-1]["test_accuracy"]:.3f} ({r[-1]["train_accuracy"]:.2f})'
+  ghost = [cell(runs[f'ghost-v{b}']) for b in sizes[:-1]] + ['(= plain)']
+  return [
+    '| statistics over | ' + ' | '.join(map(str, sizes)) + ' |',
+    '|---' * (len(sizes) + 1) + '|',
+    '| plain BN, batch = that size | '
+    + ' | '.join(cell(runs[f'plain-b{b}']) for b in sizes)
+    + ' |',
+    '| ghost BN, batch 256, virtual batches of that size (lr 1.0) | ' + ' | '.join(ghost) + ' |',
+    '| batch renorm (rmax 3, dmax 5, widened over epoch 1), batch = that size | '
+    + ' | '.join(cell(runs[f'renorm-b{b}']) for b in sizes)
+    + ' |',
+  ]
+
+
+TABLES = {'learning_rate': learning_rate_table, 'batch_size': batch_size_table}
+CELLS = {
+  'learning_rate': 'test accuracy at the last epoch (final training loss)',
+  'batch_size': 'lr = batch / 256; test accuracy at the last epoch (training accuracy)',
+}
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawTextHelpFormatter
   )
   parser.add_argument('--study', choices=sorted(STUDIES), nargs='+', default=sorted(STUDIES))
   parser.add_argument('--epochs', type=int, default=None, help='default: 10 (lr), 2 (batch size)')
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'experiments/results/claims')
-  args = parser.parse_args()
+  parser.add_argument('--workdirs', type=pathlib.Path, default=ROOT / 'workdirs/claims')
+  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/claims')
+  args = parser.parse_args(argv)
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / 'results.json'
+  results = json.loads(path.read_text()) if path.exists() else {}
   for study in args.study:
     epochs = args.epochs or (10 if study == 'learning_rate' else 2)
-    out = args.out / study
-    rows = [
-      '| run | settings | loss | train acc | test acc | test acc per epoch |',
-      '|---|---|---|---|---|---|',
+    runs = {
+      name: train(name, overrides, args.workdirs / study)
+      for name, overrides in STUDIES[study](epochs)
+    }
+    record = provenance.record()
+    results[study] = {'provenance': record, 'epochs': epochs, 'runs': runs}
+    table = [
+      f'Measured at commit {record["commit"][:12]} on {record["cpu_description"]}; one seed, '
+      f'{epochs} epochs; {CELLS[study]}.',
+      '',
+      *TABLES[study](runs),
     ]
-    results = {}
-    for name, overrides in STUDIES[study](epochs):
-      records = train(name, overrides, out)
-      results[name] = {'overrides': overrides, 'records': records}
-      last = records[-1]
-      settings = ', '.join(f'{k}={v}' for k, v in overrides.items() if k != 'num_epochs')
-      per_epoch = ' '.join(f'{r["test_accuracy"]:.3f}' for r in records)
-      rows.append(
-        f'| {name} | {settings} | {last["train_loss"]:.3f} | {last["train_accuracy"]:.3f} | '
-        f'{last["test_accuracy"]:.3f} | {per_epoch} |'
-      )
-    table = f'{study}, {epochs} epochs\n\n' + '\n'.join(rows) + '\n'
-    (args.out / f'{study}.md').write_text(table)
-    (args.out / f'{study}.json').write_text(json.dumps(results, indent=1) + '\n')
-    print(table, flush=True)
+    (args.out / f'{study}.md').write_text('\n'.join(table) + '\n')
+    print('\n'.join(table), flush=True)
+  path.write_text(json.dumps(results, indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -7,7 +7,9 @@ r"""Test accuracy per epoch with running averages vs precise statistics, over se
 Each run of configs/lenet_bn_precise.py evaluates twice per epoch: with the
 EMA running averages (test_accuracy_running, what the chapter reports) and
 with precise statistics (test_accuracy). Reads the runs' workdirs in the first
-folder; writes precise.md and precise.png into the second.
+folder; writes precise.md (the README's table, with the commit and CPU of
+the runs from the results.json that seeds.py wrote there) and precise.png into
+the second.
 """
 
 import json
@@ -24,29 +26,33 @@ def main(workdirs: pathlib.Path, out: pathlib.Path):
   runs = [r for r in runs if len(r) == len(runs[0])]
   epochs = [r['epoch'] for r in runs[0]]
   series = {}
-  for key, label in (('test_accuracy_running', 'running averages'), ('test_accuracy', 'precise')):
+  for key, label in (
+    ('test_accuracy_running', 'running averages (the chapter)'),
+    ('test_accuracy', 'precise'),
+  ):
     per_epoch = list(zip(*[[x[key] for x in r] for r in runs], strict=True))
     series[label] = [statistics.median(e) for e in per_epoch]
+  provenance = json.loads((out / 'results.json').read_text())['lenet_bn_precise']['provenance']
+  final = {
+    label: sorted(r[-1][key] for r in runs)
+    for key, label in (('test_accuracy_running', 'running'), ('test_accuracy', 'precise'))
+  }
   rows = [
-    f'{len(runs)} seeds, median test accuracy per epoch\n',
-    '| statistics | ' + ' | '.join(str(e) for e in epochs) + ' | range epochs 5-10 |',
+    f'Measured at commit {provenance["commit"][:12]} on {provenance["cpu_description"]}; '
+    f'median over {len(runs)} seeds per epoch; at epoch {epochs[-1]} the seeds give '
+    f'{final["precise"][0]:.3f} - {final["precise"][-1]:.3f} with precise statistics and '
+    f'{final["running"][0]:.3f} - {final["running"][-1]:.3f} with the running averages.',
+    '',
+    '| statistics | ep ' + ' | '.join(str(e) for e in epochs) + ' | range, epochs 5-10 |',
     '|---' * (len(epochs) + 2) + '|',
   ]
   for label, values in series.items():
-    tail = values[4:]
+    cells = [f'{v:.3f}' for v in values]
+    if label.startswith('precise'):
+      cells[-1] = f'**{cells[-1]}**'
     rows.append(
-      f'| {label} | '
-      + ' | '.join(f'{v:.3f}' for v in values)
-      + f' | {min(tail):.3f} - {max(tail):.3f} |'
+      f'| {label} | ' + ' | '.join(cells) + f' | {min(values[4:]):.3f} - {max(values[4:]):.3f} |'
     )
-  final = {
-    label: [r[-1][key] for r in runs]
-    for key, label in (('test_accuracy_running', 'running'), ('test_accuracy', 'precise'))
-  }
-  rows.append('')
-  for label, values in final.items():
-    rows.append(f'epoch {epochs[-1]}, {label}: ' + ', '.join(f'{v:.3f}' for v in values))
-  out.mkdir(parents=True, exist_ok=True)
   (out / 'precise.md').write_text('\n'.join(rows) + '\n')
   print('\n'.join(rows))
 
@@ -59,7 +65,13 @@ def main(workdirs: pathlib.Path, out: pathlib.Path):
   for r in runs:
     ax.plot(epochs, [x['test_accuracy_running'] for x in r], color='C1', alpha=0.3, lw=0.8)
     ax.plot(epochs, [x['test_accuracy'] for x in r], color='C0', alpha=0.3, lw=0.8)
-  ax.plot(epochs, series['running averages'], color='C1', lw=2, label='running averages (EMA)')
+  ax.plot(
+    epochs,
+    series['running averages (the chapter)'],
+    color='C1',
+    lw=2,
+    label='running averages (EMA)',
+  )
   ax.plot(epochs, series['precise'], color='C0', lw=2, label='precise statistics')
   ax.set_xlabel('epoch')
   ax.set_ylabel('test accuracy')
