@@ -284,7 +284,8 @@ def main(argv=None) -> int:
   if not args.dry_run and jax.default_backend() == 'cpu':
     sys.exit(
       f'gpu_check: no GPU found: JAX {jax.__version__} sees only {jax.devices()}. Install JAX for '
-      f'the GPU ({INSTALL}; README, Speed), or check this script on CPU with --dry-run.'
+      f'the GPU ({INSTALL}; README: Speed, GPU), or check this script on CPU with --dry-run '
+      '(make gpu-check ARGS=--dry-run).'
     )
   sizes = DRY if args.dry_run else FULL
   if args.epochs:
