@@ -16,11 +16,12 @@ On a machine where JAX sees a GPU, in a few minutes:
 
 It writes one JSON and exits non-zero if a test failed or training did not
 finish with at least `ACCURACY_FLOOR` test accuracy; throughput below
-`TARGET` is reported, not an error. It installs nothing, never downloads and
-imports no TensorFlow: Fashion-MNIST comes from ``--data-dir`` (the four IDX
-``.gz`` files, or jaxbn's cache ``jaxbn/fashion_mnist.npz`` under it) or from
-jaxbn's usual places. ``--dry-run`` runs every stage at tiny sizes on whatever
-JAX finds (the CPU in CI) and writes the same fields.
+`TARGET` is reported, not an error. It installs nothing and never downloads:
+Fashion-MNIST comes from ``--data-dir`` (the four IDX ``.gz`` files, or jaxbn's
+cache ``jaxbn/fashion_mnist.npz`` under it) or from jaxbn's usual places, read
+without TensorFlow (the JSON's ``data.tensorflow_loaded`` says so). ``--dry-run``
+runs every stage at tiny sizes on whatever JAX finds (the CPU in CI) and writes
+the same fields.
 """
 
 from __future__ import annotations
