@@ -11,7 +11,7 @@ CONFIG ?= configs/lenet_bn.py
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test lint data bench seeds mutants clean
+.PHONY: train test lint data bench gpu-check seeds mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,15 @@ test: data $(VENV)/.installed lint
 bench: data $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/throughput.py --repeats 15 --out results/throughput $(ARGS)
+
+# On a GPU machine: accelerator tests, 10 epochs and throughput into one JSON (README, Speed,
+# GPU). Installs nothing (GPU machines may be offline): it takes the first of .venv's Python
+# and $(PYTHON) whose JAX sees a GPU (else .venv's, whose script then says so); GPU_PY=... overrides.
+GPU_PY ?= $(or $(shell for py in $(PY) $(PYTHON); do \
+  $$py -c 'import jax; assert jax.default_backend() != "cpu"' 2>/dev/null && echo $$py && break; \
+  done),$(wildcard $(PY)),$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --json results/gpu/results.json $(ARGS)
 
 # Deliberate bugs in a copy of jaxbn; fails if a test misses one (tests/mutants.py).
 mutants: data $(VENV)/.installed

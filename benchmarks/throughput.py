@@ -83,13 +83,23 @@ class JaxVariant:
 
   framework = 'jax'
 
-  def __init__(self, norm: str, dataset: data_lib.Dataset, batch_size: int, api: str = 'linen'):
+  def __init__(
+    self,
+    norm: str,
+    dataset: data_lib.Dataset,
+    batch_size: int,
+    api: str = 'linen',
+    dtype: str | None = None,
+  ):
     self.name = f'jaxbn LeNet, norm={norm}' + (' (NNX)' if api == 'nnx' else '')
     config = lenet_bn.get_config()
     config.norm, config.api = norm, api
     config.batch_size = batch_size
     self.batch_size = batch_size
     model = settings.build_model(config)
+    if dtype:  # the layers' computation dtype (linen), e.g. 'bfloat16'
+      self.name += f', {dtype}'
+      model = model.clone(dtype=jnp.dtype(dtype))
     self.state = steps.create_train_state(jax.random.key(config.seed), model, config.learning_rate)
     self.images, self.labels = jax.device_put((dataset.train_images, dataset.train_labels))
     steps_per_epoch = len(dataset.train_labels) // batch_size
@@ -105,7 +115,8 @@ class JaxVariant:
     self.test = jax.device_put(
       steps.pad_and_batch(dataset.test_images, dataset.test_labels, config.eval_batch_size)
     )
-    self.evaluate = jax.jit(steps.evaluate).lower(self.state, *self.test).compile()
+    # Compiled on first use: `measure` keeps the fastest of three evaluations.
+    self.evaluate = jax.jit(steps.evaluate)
     self.rng = jax.random.key(config.seed)
 
   def run(self, num_steps: int) -> tuple[float, int]:
@@ -239,6 +250,22 @@ def device_description() -> str:
   return f'{device.platform} ({cpu}, {os.cpu_count()} cores)'
 
 
+def time_rounds(variants: list, warmup: int, steps: int, repeats: int) -> dict[str, list[float]]:
+  """Examples/s of each variant in each of ``repeats`` rounds of ``steps`` steps, after warm-up.
+
+  The variants take turns, in reverse order every other round, so that changes
+  in the machine's load hit them alike.
+  """
+  for variant in variants:
+    variant.run(warmup)
+  rates = {v.name: [] for v in variants}
+  for round_index in range(repeats):
+    for variant in variants[:: -1 if round_index % 2 else 1]:
+      seconds, done = variant.run(steps)
+      rates[variant.name].append(done * variant.batch_size / seconds)
+  return rates
+
+
 def measure(args: argparse.Namespace) -> dict:
   dataset = data_lib.load_fashion_mnist()
   steps_per_epoch = len(dataset.train_labels) // args.batch_size
@@ -251,13 +278,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch_version = torch.__version__
     variants += [TorchVariant(norm, dataset, args.batch_size) for norm in ('scratch', 'nn')]
   load_before = os.getloadavg()
-  for variant in variants:
-    variant.run(args.warmup)
-  rates = {v.name: [] for v in variants}
-  for round_index in range(args.repeats):
-    for variant in variants[:: -1 if round_index % 2 else 1]:
-      seconds, steps = variant.run(args.steps)
-      rates[variant.name].append(steps * args.batch_size / seconds)
+  rates = time_rounds(variants, args.warmup, args.steps, args.repeats)
   load_after = os.getloadavg()
 
   rows = []

@@ -22,7 +22,10 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The instruction sets that decide which kernels XLA:CPU and PyTorch generate.
 ISA_FLAGS = ('sse4', 'avx', 'fma', 'f16c', 'amx')
-PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'chex', 'numpy', 'torch', 'tensorflow-datasets')
+PACKAGES = (
+  'jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax', 'optax', 'chex', 'numpy',
+  'torch', 'tensorflow-datasets',
+)  # fmt: skip
 ENVIRONMENT = ('XLA_FLAGS', 'ATEN_CPU_CAPABILITY', 'JAX_PLATFORMS', 'OMP_NUM_THREADS')
 
 

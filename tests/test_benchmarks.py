@@ -13,13 +13,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # processes that compile the model
 
 
-def run(*args):
+def run(*args, ok=True):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(
     [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-3000:]
+  return result
 
 
 def test_devices_benchmark_writes_its_table(tmp_path):
@@ -53,3 +53,52 @@ def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path
   assert results['environment']['ATEN_CPU_CAPABILITY'] == 'avx2'
   assert results['provenance']['cpu']['model_name']
   assert 'jaxbn LeNet, norm=none' in (tmp_path / 'table.md').read_text()
+
+
+# The fields of benchmarks/gpu_check.py's JSON, in a dry run as on a GPU.
+GPU_CHECK_FIELDS = {
+  'environment': {'jax_version', 'backend', 'devices', 'gpu', 'nvidia_smi'},
+  'data': {'source', 'train_examples', 'test_examples', 'tensorflow_loaded'},
+  'accelerator_tests': {
+    'command', 'returncode', 'passed', 'failed', 'errors', 'skipped', 'seconds', 'output_tail'
+  },
+  'training': {
+    'command', 'returncode', 'seconds', 'epochs', 'accuracy_floor', 'train_loss',
+    'train_accuracy', 'test_accuracy', 'test_accuracy_each_epoch', 'examples_per_sec_each_epoch',
+    'output_tail',
+  },
+  'throughput': {
+    'batch_size', 'train_examples_on_device', 'steps_per_dispatch', 'steps_per_round', 'rounds',
+    'target_examples_per_sec', 'reference_examples_per_sec', 'rows',
+  },
+  'checks': {'accelerator_tests', 'training', 'throughput_target'},
+}  # fmt: skip
+
+
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+  """CI's run of `make gpu-check`: each stage at tiny sizes on the CPU, into one JSON."""
+  run('benchmarks/gpu_check.py', '--dry-run', '--json', str(tmp_path / 'gpu.json'))
+  results = json.loads((tmp_path / 'gpu.json').read_text())
+  assert set(results) == {*GPU_CHECK_FIELDS, 'dry_run', 'ok', 'provenance', 'seconds'}
+  for stage, fields in GPU_CHECK_FIELDS.items():
+    assert set(results[stage]) == fields, stage
+  assert results['dry_run'] and results['ok'] and results['provenance']['commit']
+  assert results['environment']['backend'] == 'cpu' and results['environment']['gpu'] is None
+  assert results['data']['train_examples'] == 512 and not results['data']['tensorflow_loaded']
+  tests = results['accelerator_tests']  # collected, and skipped on the CPU
+  assert tests['skipped'] > 0 and tests['passed'] == tests['failed'] == tests['errors'] == 0
+  train = results['training']
+  assert train['returncode'] == 0 and train['epochs'] == 1
+  assert 0 <= train['test_accuracy'] <= 1 and len(train['examples_per_sec_each_epoch']) == 1
+  rows = results['throughput']['rows']
+  assert [(r['norm'], r['dtype']) for r in rows] == [
+    ('jaxbn', 'float32'), ('flax', 'float32'), ('none', 'float32'), ('jaxbn', 'bfloat16')
+  ]  # fmt: skip
+  assert all(r['examples_per_sec'] > 0 and r['conv_impl'] == 'banded' for r in rows)
+  assert results['checks']['throughput_target'] is False
+
+
+def test_gpu_check_without_a_gpu_stops_and_says_so(tmp_path):
+  result = run('benchmarks/gpu_check.py', '--json', str(tmp_path / 'gpu.json'), ok=False)
+  assert 'no GPU found' in result.stderr and '--dry-run' in result.stderr
+  assert not (tmp_path / 'gpu.json').exists()
