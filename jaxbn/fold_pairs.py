@@ -40,12 +40,12 @@ def layer_name(path: Path) -> str:
   return repr('/'.join(map(str, path))) if path else 'the model itself'
 
 
-def _linen_features(layer: nn.Module) -> int | str:
+def _linen_features(layer: nn.Module, path: Path) -> int | str:
   """How many last axes of a linen linear layer's output are its features, or why it cannot fold."""
   if getattr(layer, 'batch_dims', ()):
-    return f'{layer_name(layer.path)} has batch_dims (not supported)'
+    return f'{layer_name(path)} has batch_dims (not supported)'
   if getattr(layer, 'transpose_kernel', False):
-    return f'{layer_name(layer.path)} has transpose_kernel=True (not supported)'
+    return f'{layer_name(path)} has transpose_kernel=True (not supported)'
   return 1 if isinstance(layer.features, int) else len(layer.features)
 
 
@@ -87,13 +87,13 @@ class _Pair(NamedTuple):
   output: jax.ShapeDtypeStruct  # the linear layer's output
 
 
-class _Trace:
+class Trace:
   """Pairs each BN call with the linear layer whose output it receives; linen's interceptor.
 
   "Receives" is identity of the traced array: anything applied in between (an
   activation, a reshape, a residual sum) makes a new array, and no pair.
   `linear` and `bn` take the calls of either API; calling the trace itself is
-  linen's interceptor. ``features(layer)`` is `_linen_features` for another API.
+  linen's interceptor. ``features(layer, path)`` is `_linen_features` for another API.
   """
 
   def __init__(self, features=_linen_features, not_linear=_NOT_LINEAR):
@@ -117,7 +117,7 @@ class _Trace:
     linear, source = self.outputs.get(id(x), (None, None))
     k = self.not_linear
     if source is x:
-      k = _feature_ndim(bn.axis, self.features(self.layers[linear]), linear, x, out)
+      k = _feature_ndim(bn.axis, self.features(self.layers[linear], linear), linear, x, out)
     if isinstance(k, int) and any(p.linear == linear for p in self.pairs.values()):
       k = f'the output of {layer_name(linear)} also enters another BN layer'
     if isinstance(k, str):
@@ -201,17 +201,21 @@ class _Probe:
     raw, y, linear = self.clean.get(id(x), (None, None, None))
     return y if raw is x and linear == self.pairs[path] else x
 
+  def intercept(self, path: Path, call: Callable, args: tuple, kwargs: dict) -> Any:
+    """``call(*args, **kwargs)``, the call of the layer at ``path``, probed."""
+    if path in self.index:
+      return self.output(path, call(*args, **kwargs))
+    if path in self.pairs and args:
+      args = (self.bn_input(path, args[0]), *args[1:])
+    return call(*args, **kwargs)
+
   def __call__(self, next_fun, args, kwargs, context):
     """linen's interceptor."""
     path = context.module.path if context.method_name == '__call__' else None
-    if path in self.index:
-      return self.output(path, next_fun(*args, **kwargs))
-    if path in self.pairs and args:
-      args = (self.bn_input(path, args[0]), *args[1:])
-    return next_fun(*args, **kwargs)
+    return self.intercept(path, next_fun, args, kwargs)
 
 
-def used_elsewhere(probe_fn: Callable, inputs: Any, trace: _Trace, pairs: dict) -> set:
+def used_elsewhere(probe_fn: Callable, inputs: Any, trace: Trace, pairs: dict) -> set:
   """The BN layers of ``pairs`` whose linear layer's output is also used by anything else.
 
   ``probe_fn(inputs, probe)`` runs the model with the `_Probe` ``probe``
@@ -226,8 +230,8 @@ def used_elsewhere(probe_fn: Callable, inputs: Any, trace: _Trace, pairs: dict) 
   return {bns[i] for i in _reaching(jaxpr, jaxpr.invars[-len(bns) :])}
 
 
-def _split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Callable, list]:
-  """``(fn, arrays)`` with ``fn(variables, arrays) = model.apply(variables, *args, **kwargs)``.
+def split_call(call: Callable, args: tuple, kwargs: dict) -> tuple[Callable, list]:
+  """``(fn, arrays)`` with ``fn(variables, arrays) = call(variables, *args, **kwargs)``.
 
   ``arrays`` are the arrays among the arguments, so that tracing ``fn`` runs
   nothing on them; the other leaves (flags such as ``train``) stay static.
@@ -240,7 +244,7 @@ def _split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Callable, 
     args, kwargs = treedef.unflatten(
       [next(it) if t else x for x, t in zip(leaves, traced, strict=True)]
     )
-    return model.apply(variables, *args, **kwargs)
+    return call(variables, *args, **kwargs)
 
   return fn, [x for x, t in zip(leaves, traced, strict=True) if t]
 
@@ -261,8 +265,8 @@ def find_pairs(
   Raises:
     ValueError: if a BN layer is called in training mode.
   """
-  fn, arrays = _split_call(model, args, kwargs)
-  trace = _Trace()
+  fn, arrays = split_call(model.apply, args, kwargs)
+  trace = Trace()
 
   def traced(variables, arrays):
     with nn.intercept_methods(trace):
@@ -280,7 +284,7 @@ def find_pairs(
   return plan(trace, pairs, used_elsewhere(probe_fn, (variables, arrays), trace, pairs))
 
 
-def plan(trace: _Trace, pairs: dict[Path, Path], elsewhere: set[Path]) -> FoldPlan:
+def plan(trace: Trace, pairs: dict[Path, Path], elsewhere: set[Path]) -> FoldPlan:
   """The `FoldPlan` of ``pairs`` without the BN layers of ``elsewhere`` (`used_elsewhere`)."""
   for bn in elsewhere:
     linear = layer_name(pairs.pop(bn))
