@@ -36,20 +36,30 @@ _NOT_LINEAR = (
 
 
 def layer_name(path: Path) -> str:
-  """A layer path as the errors name it, e.g. \'block1/bn\'."""
-  return repr('/'.join(path)) if path else 'the model itself'
+  """A layer path as the errors name it, e.g. \'block1/bn\' (or \'blocks/0/bn\' in NNX)."""
+  return repr('/'.join(map(str, path))) if path else 'the model itself'
 
 
-def _feature_ndim(bn: nn.Module, layer: nn.Module, x: jax.Array, out: jax.Array) -> int | str:
-  """How many last axes of ``x`` (``layer``'s output) are features, or why ``bn`` cannot fold."""
-  k = 1 if isinstance(layer.features, int) else len(layer.features)
+def _linen_features(layer: nn.Module, path: Path) -> int | str:
+  """How many last axes of a linen linear layer's output are its features, or why it cannot fold."""
   if getattr(layer, 'batch_dims', ()):
-    return f'{layer_name(layer.path)} has batch_dims (not supported)'
+    return f'{layer_name(path)} has batch_dims (not supported)'
   if getattr(layer, 'transpose_kernel', False):
-    return f'{layer_name(layer.path)} has transpose_kernel=True (not supported)'
-  if canonicalize_axes(x.ndim, bn.axis) != tuple(range(x.ndim - k, x.ndim)):
+    return f'{layer_name(path)} has transpose_kernel=True (not supported)'
+  return 1 if isinstance(layer.features, int) else len(layer.features)
+
+
+def _feature_ndim(bn_axis, k: int | str, linear: Path, x: jax.Array, out: jax.Array) -> int | str:
+  """``k`` if the BN layer normalises the last ``k`` axes of ``x`` in its dtype, else why not.
+
+  ``x``: the output of the linear layer at ``linear``, whose last ``k`` axes
+  are its features (or ``k`` says why it cannot fold); ``out``: the BN layer's output.
+  """
+  if isinstance(k, str):
+    return k
+  if canonicalize_axes(x.ndim, bn_axis) != tuple(range(x.ndim - k, x.ndim)):
     return (
-      f'its axis={bn.axis} is not the output-feature axis of {layer_name(layer.path)} (the last '
+      f'its axis={bn_axis} is not the output-feature axis of {layer_name(linear)} (the last '
       f'{k} of {x.ndim} axes)'
     )
   if out.dtype != x.dtype:
@@ -62,45 +72,52 @@ def inference_mode(bn: nn.Module, args: tuple, kwargs: dict) -> bool:
   return nn.merge_param('use_running_average', bn.use_running_average, call)
 
 
+def refuse_training(path: Path, inference: bool) -> None:
+  """Raises if the BN layer at ``path`` is called in training mode (not ``inference``)."""
+  if not inference:
+    raise ValueError(
+      f'fold: BN layer {layer_name(path)} is in training mode (use_running_average=False) in '
+      'the example call: pass the inference-mode arguments, e.g. train=False.'
+    )
+
+
 class _Pair(NamedTuple):
   linear: Path  # the linear layer whose output the BN layer receives
   features: tuple[int, ...]  # the feature shape F
   output: jax.ShapeDtypeStruct  # the linear layer's output
 
 
-class _Trace:
-  """Interceptor pairing each BN call with the linear layer whose output it receives.
+class Trace:
+  """Pairs each BN call with the linear layer whose output it receives; linen's interceptor.
 
   "Receives" is identity of the traced array: anything applied in between (an
   activation, a reshape, a residual sum) makes a new array, and no pair.
+  `linear` and `bn` take the calls of either API; calling the trace itself is
+  linen's interceptor. ``features(layer, path)`` is `_linen_features` for another API.
   """
 
-  def __init__(self):
+  def __init__(self, features=_linen_features, not_linear=_NOT_LINEAR):
+    self.features, self.not_linear = features, not_linear
     self.calls = collections.Counter()  # path -> number of calls
     self.layers = {}  # path -> linear or BN module (for its attributes)
     self.outputs = {}  # id -> (linear path, its output, kept alive so that ids stay unique)
     self.pairs = {}  # BN path -> _Pair
     self.reasons = {}  # BN path -> why it cannot be folded
 
-  def __call__(self, next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != '__call__' or type(module) not in LINEAR_LAYERS + BATCH_NORMS:
-      return next_fun(*args, **kwargs)
-    path = module.path
+  def linear(self, path: Path, layer: Any, out: jax.Array) -> None:
+    """Records a call of the linear ``layer`` at ``path`` that returned ``out``."""
     self.calls[path] += 1
-    self.layers[path] = module
-    if type(module) in LINEAR_LAYERS:
-      out = next_fun(*args, **kwargs)
-      self.outputs[id(out)] = (path, out)
-      return out
-    if not inference_mode(module, args, kwargs):
-      raise ValueError(
-        f'fold: BN layer {layer_name(path)} is in training mode (use_running_average=False) in '
-        'the example call: pass the inference-mode arguments, e.g. train=False.'
-      )
-    x, out = args[0], next_fun(*args, **kwargs)
+    self.layers[path] = layer
+    self.outputs[id(out)] = (path, out)
+
+  def bn(self, path: Path, bn: Any, x: jax.Array, out: jax.Array) -> None:
+    """Records a call ``out = bn(x)`` of the BN layer at ``path`` (`refuse_training` first)."""
+    self.calls[path] += 1
+    self.layers[path] = bn
     linear, source = self.outputs.get(id(x), (None, None))
-    k = _feature_ndim(module, self.layers[linear], x, out) if source is x else _NOT_LINEAR
+    k = self.not_linear
+    if source is x:
+      k = _feature_ndim(bn.axis, self.features(self.layers[linear], linear), linear, x, out)
     if isinstance(k, int) and any(p.linear == linear for p in self.pairs.values()):
       k = f'the output of {layer_name(linear)} also enters another BN layer'
     if isinstance(k, str):
@@ -109,20 +126,41 @@ class _Trace:
       self.pairs[path] = _Pair(
         linear, x.shape[x.ndim - k :], jax.ShapeDtypeStruct(x.shape, x.dtype)
       )
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or type(module) not in LINEAR_LAYERS + BATCH_NORMS:
+      return next_fun(*args, **kwargs)
+    if type(module) in BATCH_NORMS:
+      refuse_training(module.path, inference_mode(module, args, kwargs))
+    out = next_fun(*args, **kwargs)
+    if type(module) in LINEAR_LAYERS:
+      self.linear(module.path, module, out)
+    else:
+      self.bn(module.path, module, args[0], out)
     return out
 
-  def checked_pairs(self, params: dict, stats: dict) -> dict[Path, Path]:
-    """BN path -> linear path, for the pairs that one call each and the variables allow."""
+  def checked_pairs(self, params: dict | None = None, stats: dict | None = None) -> dict:
+    """BN path -> linear path, for the pairs that one call each and the variables allow.
+
+    ``params`` and ``stats``: linen's flattened variables (None in NNX, whose
+    layers hold their own).
+    """
     for bn, (linear, features, _) in self.pairs.items():
-      shapes = [stats[(*bn, 'mean')].shape, params[(*linear, 'kernel')].shape[-len(features) :]]
-      shapes += [params[(*linear, 'bias')].shape] if (*linear, 'bias') in params else []
       if self.calls[bn] > 1:
         self.reasons.setdefault(bn, f'it is called {self.calls[bn]} times')
       elif self.calls[linear] > 1:
         self.reasons[bn] = f'{layer_name(linear)} is called {self.calls[linear]} times'
-      elif any(s != features for s in shapes):
+      elif params is not None and not _one_call(params, stats, bn, linear, features):
         self.reasons[bn] = 'its variables are not those of one call (in an nn.scan or nn.vmap?)'
     return {bn: pair.linear for bn, pair in self.pairs.items() if bn not in self.reasons}
+
+
+def _one_call(params: dict, stats: dict, bn: Path, linear: Path, features: tuple) -> bool:
+  """Whether the linen variables of ``bn`` and ``linear`` have the feature shape of one call."""
+  shapes = [stats[(*bn, 'mean')].shape, params[(*linear, 'kernel')].shape[-len(features) :]]
+  shapes += [params[(*linear, 'bias')].shape] if (*linear, 'bias') in params else []
+  return all(s == features for s in shapes)
 
 
 def _reaching(jaxpr, sources: list[Var]) -> set[int]:
@@ -140,43 +178,60 @@ def _reaching(jaxpr, sources: list[Var]) -> set[int]:
   return union(jaxpr.outvars)
 
 
-def _used_elsewhere(fn: Callable, variables, arrays: list, trace: _Trace, pairs: dict) -> set:
+class _Probe:
+  """Adds a zero ``d`` of its own to each paired linear output ``y``, except at its BN layer.
+
+  `output` gives the linear layer's callers ``y + d``; `bn_input` gives the
+  BN layer ``y`` back when it receives that very ``y + d``. The model's
+  outputs then depend on ``d`` exactly when something else uses ``y``.
+  """
+
+  def __init__(self, pairs: dict[Path, Path], deltas: list):
+    self.pairs = pairs
+    self.index = {linear: i for i, linear in enumerate(pairs.values())}
+    self.deltas = deltas
+    self.clean = {}  # id(y + d) -> (y + d, y, linear path)
+
+  def output(self, path: Path, y: jax.Array) -> jax.Array:
+    raw = y + self.deltas[self.index[path]]
+    self.clean[id(raw)] = (raw, y, path)
+    return raw
+
+  def bn_input(self, path: Path, x: jax.Array) -> jax.Array:
+    raw, y, linear = self.clean.get(id(x), (None, None, None))
+    return y if raw is x and linear == self.pairs[path] else x
+
+  def intercept(self, path: Path, call: Callable, args: tuple, kwargs: dict) -> Any:
+    """``call(*args, **kwargs)``, the call of the layer at ``path``, probed."""
+    if path in self.index:
+      return self.output(path, call(*args, **kwargs))
+    if path in self.pairs and args:
+      args = (self.bn_input(path, args[0]), *args[1:])
+    return call(*args, **kwargs)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    """linen's interceptor."""
+    path = context.module.path if context.method_name == '__call__' else None
+    return self.intercept(path, next_fun, args, kwargs)
+
+
+def used_elsewhere(probe_fn: Callable, inputs: Any, trace: Trace, pairs: dict) -> set:
   """The BN layers of ``pairs`` whose linear layer's output is also used by anything else.
 
-  Traces ``fn`` again with each such output ``y`` replaced by ``y + d`` (``d``
-  a zero input of its own) everywhere but at its BN layer: the model's outputs
-  depend on ``d`` exactly when something else uses ``y``.
+  ``probe_fn(inputs, probe)`` runs the model with the `_Probe` ``probe``
+  intercepting its calls; it is traced (not run) with a zero input ``d`` per pair.
   """
-  bns = list(pairs)
-  index = {pairs[bn]: i for i, bn in enumerate(bns)}
-
-  def probe(variables, arrays, deltas):
-    clean = {}  # id(y + d) -> (y + d, y, linear path)
-
-    def interceptor(next_fun, args, kwargs, context):
-      path = context.module.path if context.method_name == '__call__' else None
-      if path in index:
-        y = next_fun(*args, **kwargs)
-        raw = y + deltas[index[path]]
-        clean[id(raw)] = (raw, y, path)
-        return raw
-      raw, y, linear = clean.get(id(args[0]) if args else None, (None, None, None))
-      if path in pairs and raw is args[0] and linear == pairs[path]:
-        args = (y, *args[1:])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      return fn(variables, arrays)
-
-  if not bns:
+  if not pairs:
     return set()
+  bns = list(pairs)
   deltas = [trace.pairs[bn].output for bn in bns]
-  jaxpr = jax.make_jaxpr(probe)(variables, arrays, deltas).jaxpr
+  fn = lambda inputs, deltas: probe_fn(inputs, _Probe(pairs, deltas))
+  jaxpr = jax.make_jaxpr(fn)(inputs, deltas).jaxpr
   return {bns[i] for i in _reaching(jaxpr, jaxpr.invars[-len(bns) :])}
 
 
-def _split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Callable, list]:
-  """``(fn, arrays)`` with ``fn(variables, arrays) = model.apply(variables, *args, **kwargs)``.
+def split_call(call: Callable, args: tuple, kwargs: dict) -> tuple[Callable, list]:
+  """``(fn, arrays)`` with ``fn(variables, arrays) = call(variables, *args, **kwargs)``.
 
   ``arrays`` are the arrays among the arguments, so that tracing ``fn`` runs
   nothing on them; the other leaves (flags such as ``train``) stay static.
@@ -189,7 +244,7 @@ def _split_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Callable, 
     args, kwargs = treedef.unflatten(
       [next(it) if t else x for x, t in zip(leaves, traced, strict=True)]
     )
-    return model.apply(variables, *args, **kwargs)
+    return call(variables, *args, **kwargs)
 
   return fn, [x for x, t in zip(leaves, traced, strict=True) if t]
 
@@ -210,8 +265,8 @@ def find_pairs(
   Raises:
     ValueError: if a BN layer is called in training mode.
   """
-  fn, arrays = _split_call(model, args, kwargs)
-  trace = _Trace()
+  fn, arrays = split_call(model.apply, args, kwargs)
+  trace = Trace()
 
   def traced(variables, arrays):
     with nn.intercept_methods(trace):
@@ -221,7 +276,17 @@ def find_pairs(
   trace.outputs.clear()  # tracers, not to be kept past their trace
   flat = {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
   pairs = trace.checked_pairs(flat['params'], flat.get('batch_stats', {}))
-  for bn in _used_elsewhere(fn, variables, arrays, trace, pairs):
+
+  def probe_fn(inputs, probe):
+    with nn.intercept_methods(probe):
+      return fn(*inputs)
+
+  return plan(trace, pairs, used_elsewhere(probe_fn, (variables, arrays), trace, pairs))
+
+
+def plan(trace: Trace, pairs: dict[Path, Path], elsewhere: set[Path]) -> FoldPlan:
+  """The `FoldPlan` of ``pairs`` without the BN layers of ``elsewhere`` (`used_elsewhere`)."""
+  for bn in elsewhere:
     linear = layer_name(pairs.pop(bn))
     trace.reasons[bn] = f'the output of {linear} is also used elsewhere, which folding would change'
   return FoldPlan(pairs, trace.layers, trace.reasons)

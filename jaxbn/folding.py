@@ -14,22 +14,25 @@ that linear layer with, per output feature (``scale = 1`` without
   layer returned, normalised along the layer's output
   features, and nothing else uses that array (nor other calls of the layer):
   folding would change those other uses, so they make `fold` refuse the BN layer.
+* `fold_nnx` (or `fold` given an NNX model) does the same for a Flax NNX model
+  (`jaxbn.fold_pairs_nnx`) and returns a folded copy of the model.
 * `fold_into_linear` is the equation for one (layer, BN) pair.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax import traverse_util
+from flax import nnx, traverse_util
 from flax.core import unfreeze
 from jax import lax
 
-from jaxbn.fold_pairs import find_pairs, inference_mode, layer_name
+from jaxbn.fold_pairs import FoldPlan, Path, find_pairs, inference_mode, layer_name
+from jaxbn.fold_pairs_nnx import find_pairs_nnx
 
 
 def fold_into_linear(
@@ -123,8 +126,11 @@ def _folded_apply(model: nn.Module, rest: dict, pairs: dict) -> Callable:
 
 def fold(
   model: nn.Module, variables: Mapping[str, Any], *args, strict: bool = True, **kwargs
-) -> tuple[Callable[..., Any], dict]:
+) -> tuple[Callable[..., Any], dict] | nnx.Module:
   """The inference-mode ``model`` with its BN layers folded into the preceding linear layers.
+
+  For a Flax NNX model, ``fold(model, *args, **kwargs)`` is `fold_nnx` (no
+  variables: the model holds them) and returns the folded model.
 
   Traces ``model.apply(variables, *args, **kwargs)`` once (abstractly: no
   arithmetic runs) and folds each foldable (see the module docstring)
@@ -155,7 +161,18 @@ def fold(
       ``strict``), or a BN layer in training mode in the example call.
       ``apply_fn`` raises if a folded BN layer is called otherwise.
   """
+  if isinstance(model, nnx.Module):
+    return fold_nnx(model, variables, *args, strict=strict, **kwargs)
   plan = find_pairs(model, variables, args, kwargs)
+  _refuse(plan, model, strict)
+  flat = {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
+  pairs = plan.pairs
+  params, rest = _fold_variables(flat, pairs, plan.layers)
+  return _folded_apply(model, rest, pairs), params
+
+
+def _refuse(plan: FoldPlan, model: Any, strict: bool) -> None:
+  """Raises, if ``strict``, naming each BN layer of ``plan`` that cannot be folded and why."""
   if plan.reasons and strict:
     lines = ''.join(f'\n  {layer_name(bn)}: {why}' for bn, why in sorted(plan.reasons.items()))
     raise ValueError(
@@ -163,7 +180,77 @@ def fold(
       f'into a preceding linear layer:{lines}\nMove or remove them, or pass strict=False '
       'to fold the others and keep these as they are.'
     )
-  flat = {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
-  pairs = plan.pairs
-  params, rest = _fold_variables(flat, pairs, plan.layers)
-  return _folded_apply(model, rest, pairs), params
+
+
+class FoldedBatchNorm(nnx.Module):
+  """What `fold_nnx` leaves of a folded BN layer: the identity, in inference mode only."""
+
+  def __init__(self, bn: Path, linear: Path):
+    self.use_running_average = True
+    self.message = (
+      f'BN layer {layer_name(bn)} is folded into {layer_name(linear)}: the folded model '
+      'computes inference only (model.eval()).'
+    )
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, **_) -> jax.Array:
+    if not (self.use_running_average if use_running_average is None else use_running_average):
+      raise ValueError(self.message)
+    return x
+
+
+def _fold_nnx_pair(linear: nnx.Module, bn: nnx.Module) -> None:
+  """Folds ``bn`` into ``linear``'s kernel and bias, in place (a bias is added if it has none)."""
+  kernel, bias = fold_into_linear(
+    linear.kernel[...],
+    None if linear.bias is None else linear.bias[...],
+    {k: getattr(bn, k)[...] for k in ('scale', 'bias') if getattr(bn, k) is not None},
+    {'mean': bn.mean[...], 'var': bn.var[...]},
+    bn.epsilon,
+  )
+  linear.kernel.set_value(kernel)
+  if linear.bias is None:
+    linear.bias, linear.use_bias = nnx.Param(bias), True
+  else:
+    linear.bias.set_value(bias)
+
+
+def fold_nnx(model: nnx.Module, *args, strict: bool = True, **kwargs) -> nnx.Module:
+  """A copy of NNX ``model`` in ``eval()`` mode with its BN layers folded into the linear ones.
+
+  Traces ``model(*args, **kwargs)`` once in ``eval()`` mode (abstractly, on a
+  copy; `jaxbn.fold_pairs_nnx`) and folds each foldable `jaxbn.nnx.BatchNorm`
+  or ``flax.nnx.BatchNorm`` into the ``nnx.Linear``, ``nnx.Conv`` or
+  ``nnx.ConvTranspose`` before it, as `fold` does for linen: that layer's
+  kernel and bias become the folded ones (float32 or wider; a layer without a
+  bias gets one) and the BN layer is replaced by a `FoldedBatchNorm`, which
+  raises in training mode. E.g.::
+
+    folded = fold(model, images)  # or fold_nnx
+    logits = nnx.jit(lambda m, x: m(x))(folded, images)
+
+  Args:
+    model: a Flax NNX module (not changed).
+    *args: the example call's positional arguments.
+    strict: raise if some BN layer cannot be folded; if False, such layers stay.
+    **kwargs: the example call's keyword arguments.
+
+  Returns:
+    The folded model, computing ``model``'s inference outputs for calls like the example's.
+
+  Raises:
+    ValueError: naming each BN layer that cannot be folded and why (if
+      ``strict``), or a BN layer called in training mode in the example call.
+  """
+  plan = find_pairs_nnx(model, args, kwargs)
+  _refuse(plan, model, strict)
+  folded = nnx.clone(model)
+  folded.eval()
+  nodes = dict(nnx.iter_graph(folded))
+  for bn, linear in plan.pairs.items():
+    _fold_nnx_pair(nodes[linear], nodes[bn])
+    parent, key = nodes[bn[:-1]], bn[-1]
+    if isinstance(parent, Mapping | Sequence):  # nnx.Dict, nnx.List
+      parent[key] = FoldedBatchNorm(bn, linear)
+    else:
+      setattr(parent, key, FoldedBatchNorm(bn, linear))
+  return folded

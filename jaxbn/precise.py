@@ -7,6 +7,9 @@ fvcore, detectron2 and pycls do it before evaluation): run the model in
 training mode over N training examples, without updating the weights, and set
 each BN layer's mean and var to the *equal-weight average of its batch
 statistics* over those batches (as PyTorch's ``momentum=None`` would).
+
+`precise_batch_stats` does it for a Flax linen model (functionally, on its
+``batch_stats``), `precise_batch_stats_nnx` for a Flax NNX model (in place).
 """
 
 from __future__ import annotations
@@ -18,26 +21,47 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+from flax import nnx, traverse_util
 
+from jaxbn import nnx as jnnx
 from jaxbn.linen import BatchNorm
+from jaxbn.nnx_intercept import intercept_calls
 from jaxbn.running import unbiased_variance
-from jaxbn.statistics import batch_statistics, canonicalize_axes, value_count
+from jaxbn.statistics import Axes, batch_statistics, canonicalize_axes, value_count
 
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
+NNX_BATCH_NORMS = (jnnx.BatchNorm, nnx.BatchNorm)
+Stats = dict[str, jax.Array]
+
+
+def input_statistics(h: jax.Array, axis: Axes, unbiased: bool) -> Stats:
+  """``{'mean', 'var'}`` of ``h`` per feature (``axis``), as precise statistics take them.
+
+  Two-pass, in float32 or wider; the variance is biased unless ``unbiased``
+  (for layers with ``unbiased_running_var=True``). Shapes: the feature axes'.
+  """
+  h = jnp.asarray(h)
+  feature_axes = canonicalize_axes(h.ndim, axis)
+  reduction_axes = tuple(a for a in range(h.ndim) if a not in feature_axes)
+  mean, var = batch_statistics(
+    h.astype(jnp.promote_types(h.dtype, jnp.float32)), reduction_axes, use_fast_variance=False
+  )
+  if unbiased:
+    var = unbiased_variance(var, value_count(h, reduction_axes))
+  return {'mean': mean, 'var': var}
 
 
 def layer_batch_statistics(
   apply_fn: Callable[..., Any], variables: Any, x: jax.Array, **kwargs
-) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+) -> dict[tuple[str, ...], Stats]:
   """The batch mean and variance that each BN layer computes on ``x``.
 
   Runs ``apply_fn(variables, x, mutable=['batch_stats'], **kwargs)`` (pass
   the arguments that put the model in training mode, e.g. ``train=True``) and
   records, for every `jaxbn.BatchNorm` and `flax.linen.BatchNorm` called in
-  training mode, the two-pass float32 statistics of its input over its
-  reduction axes. The variance is biased unless the layer stores unbiased
-  running variances (``unbiased_running_var=True``).
+  training mode, `input_statistics` of its input. The variance is biased
+  unless the layer stores unbiased running variances
+  (``unbiased_running_var=True``).
 
   Returns:
     ``{module path: {'mean': (F,), 'var': (F,)}}``.
@@ -55,20 +79,25 @@ def layer_batch_statistics(
         call_kwargs.get('use_running_average', args[1] if len(args) > 1 else None),
       )
     ):
-      h = jnp.asarray(args[0])
-      feature_axes = canonicalize_axes(h.ndim, module.axis)
-      reduction_axes = tuple(a for a in range(h.ndim) if a not in feature_axes)
-      mean, var = batch_statistics(
-        h.astype(jnp.promote_types(h.dtype, jnp.float32)), reduction_axes, use_fast_variance=False
-      )
-      if getattr(module, 'unbiased_running_var', False):
-        var = unbiased_variance(var, value_count(h, reduction_axes))
-      stats[module.path] = {'mean': mean, 'var': var}
+      unbiased = getattr(module, 'unbiased_running_var', False)
+      stats[module.path] = input_statistics(args[0], module.axis, unbiased)
     return next_fun(*args, **call_kwargs)
 
   with nn.intercept_methods(record):
     apply_fn(variables, x, mutable=['batch_stats'], **kwargs)
   return stats
+
+
+def _average(per_batch: Callable[[jax.Array], Any], images: jax.Array, batch_size: int) -> Any:
+  """The mean over the full batches of ``images`` of the pytree ``per_batch(batch)``."""
+  num_batches = len(images) // batch_size
+  if num_batches < 1:
+    raise ValueError(f'precise statistics need at least one batch of {batch_size} examples.')
+  # One jitted forward per batch: on XLA:CPU this is faster than a lax.scan.
+  total = per_batch(images[:batch_size])
+  for i in range(1, num_batches):
+    total = jax.tree.map(jnp.add, total, per_batch(images[i * batch_size : (i + 1) * batch_size]))
+  return jax.tree.map(lambda t: t / num_batches, total)
 
 
 def precise_batch_stats(
@@ -94,18 +123,76 @@ def precise_batch_stats(
     ``batch_stats`` with every BN layer's ``mean`` and ``var`` replaced by the
     mean over batches of its batch statistics; other entries are kept.
   """
-  num_batches = len(images) // batch_size
-  if num_batches < 1:
-    raise ValueError(f'precise statistics need at least one batch of {batch_size} examples.')
   variables = {'params': params, 'batch_stats': batch_stats}
-  # One jitted forward per batch: on XLA:CPU this is faster than a lax.scan.
-  per_batch = jax.jit(functools.partial(layer_batch_statistics, apply_fn, **kwargs))
-  total = None
-  for i in range(num_batches):
-    stats = per_batch(variables, images[i * batch_size : (i + 1) * batch_size])
-    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+  stats_of = jax.jit(functools.partial(layer_batch_statistics, apply_fn, **kwargs))
   flat = traverse_util.flatten_dict(batch_stats)
-  for path, layer in total.items():
+  for path, layer in _average(lambda x: stats_of(variables, x), images, batch_size).items():
     for name, value in layer.items():
-      flat[(*path, name)] = (value / num_batches).astype(flat[(*path, name)].dtype)
+      flat[(*path, name)] = value.astype(flat[(*path, name)].dtype)
   return traverse_util.unflatten_dict(flat)
+
+
+def _nnx_statistics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, **kwargs) -> list:
+  """`input_statistics` of each BN layer of the merged model in training mode, else None.
+
+  One entry per layer of `nnx.iter_modules` that is a `jaxbn.nnx.BatchNorm`
+  or `flax.nnx.BatchNorm`, in its order; the model (a copy) is called as
+  ``model(x, **kwargs)`` after ``model.train()``.
+  """
+  model = nnx.merge(graphdef, state)
+  model.train()
+  index = {id(m): i for i, m in enumerate(_nnx_batch_norms(model).values())}
+  stats = [None] * len(index)
+
+  def record(call, bn, args, call_kwargs):
+    mode = args[1] if len(args) > 1 else call_kwargs.get('use_running_average')
+    if id(bn) in index and not (bn.use_running_average if mode is None else mode):
+      if stats[index[id(bn)]] is not None:
+        raise ValueError('precise statistics: a BN layer is called twice in training mode.')
+      unbiased = getattr(bn, 'unbiased_running_var', False)
+      stats[index[id(bn)]] = input_statistics(args[0], bn.axis, unbiased)
+    return call(*args, **call_kwargs)
+
+  with intercept_calls(NNX_BATCH_NORMS, record):
+    model(x, **kwargs)
+  return stats
+
+
+def _nnx_batch_norms(model: nnx.Module) -> dict[tuple, nnx.Module]:
+  """``{path: layer}`` of the `jaxbn.nnx.BatchNorm` and `flax.nnx.BatchNorm` layers of ``model``."""
+  return {path: m for path, m in nnx.iter_modules(model) if isinstance(m, NNX_BATCH_NORMS)}
+
+
+def layer_batch_statistics_nnx(model: nnx.Module, x: jax.Array, **kwargs) -> dict[tuple, Stats]:
+  """`layer_batch_statistics` of a Flax NNX model: each BN layer's statistics on ``x``.
+
+  Calls a copy of ``model`` in training mode (``model.train()``) as
+  ``model(x, **kwargs)``; ``model`` and its state stay as they are.
+
+  Returns:
+    ``{layer path: {'mean': (F,), 'var': (F,)}}`` for every `jaxbn.nnx.BatchNorm`
+    and `flax.nnx.BatchNorm` called in training mode, paths as `nnx.iter_modules`'.
+  """
+  stats = _nnx_statistics(*nnx.split(model), x, **kwargs)
+  return {p: s for p, s in zip(_nnx_batch_norms(model), stats, strict=True) if s is not None}
+
+
+def precise_batch_stats_nnx(
+  model: nnx.Module, images: jax.Array, batch_size: int, **kwargs
+) -> None:
+  """Sets each BN layer's ``mean`` and ``var`` of an NNX ``model`` to its precise statistics.
+
+  In place, as NNX updates state: the mean over the ``len(images) //
+  batch_size`` full batches of each layer's batch statistics, with the
+  weights of ``model`` (as `precise_batch_stats`; the same numbers for the
+  same weights). Other state (parameters, ``count``, the mode set by
+  ``model.train()`` / ``model.eval()``) is kept. ``**kwargs`` go to each call
+  ``model(batch, **kwargs)``, made in training mode on a copy.
+  """
+  graphdef, state = nnx.split(model)
+  stats_of = jax.jit(functools.partial(_nnx_statistics, graphdef, **kwargs))
+  average = _average(lambda x: stats_of(state, x), images, batch_size)
+  for bn, stats in zip(_nnx_batch_norms(model).values(), average, strict=True):
+    for name, value in (stats or {}).items():
+      variable = getattr(bn, name)
+      variable[...] = value.reshape(variable.shape).astype(variable.dtype)

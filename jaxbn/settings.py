@@ -40,10 +40,6 @@ def validate_config(
 def _check_fields(config: ml_collections.ConfigDict) -> None:
   if config.api not in models.APIS:
     raise ConfigError(f'config.api={config.api!r} is unknown: use one of {models.APIS}.')
-  if config.api == 'nnx' and config.bn.precise_examples:
-    raise ConfigError(
-      "config.bn.precise_examples works with config.api='linen' only for now: set it to 0."
-    )
   if config.norm not in models.NORMS:
     raise ConfigError(f'config.norm={config.norm!r} is unknown: use one of {models.NORMS}.')
   if config.conv_impl not in models.CONV_IMPLS:

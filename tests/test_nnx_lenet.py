@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import lenet_bn_nnx
-from jaxbn import models, nnx_apply, settings, steps, trainer
+from jaxbn import data, models, nnx_apply, precise, settings, steps, trainer
 
 
 def fake_batch(n=32, seed=0):
@@ -86,3 +86,27 @@ def test_train_py_config_trains_the_nnx_model(tmp_path):
   assert [r['epoch'] for r in result['records']] == [1, 2]
   assert result['records'][1]['train_loss'] < result['records'][0]['train_loss']
   assert (tmp_path / 'checkpoints').is_dir() and (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_trainer_sets_precise_statistics_of_the_nnx_model(tmp_path):
+  """The NNX run's statistics after evaluation are linen's precise ones for its weights."""
+  config = lenet_bn_nnx.get_config()
+  config.update_from_flattened_dict(
+    {
+      'num_epochs': 1,
+      'batch_size': 32,
+      'progress_bar': False,
+      'data.num_train': 256,
+      'data.num_test': 100,
+      'bn.precise_examples': 96,
+    }
+  )
+  result = trainer.train_and_evaluate(config, tmp_path)
+  assert 'test_accuracy_running' in result['records'][0]
+  state = result['state']
+  images = data.load_fashion_mnist().subset(256, 100).train_images[:96]
+  linen = models.LeNet(norm=models.norm_layer('jaxbn', momentum=config.bn.momentum))
+  want = precise.precise_batch_stats(
+    linen.apply, state.params, state.batch_stats, jnp.asarray(images), 32, train=True
+  )
+  chex.assert_trees_all_close(state.batch_stats, want, rtol=1e-5, atol=1e-6)

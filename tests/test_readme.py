@@ -52,8 +52,13 @@ def test_readme_nnx_example_trains_and_evaluates():
   losses = namespace['losses']
   assert losses[-1] < 0.5 * losses[0]
   assert float(namespace['accuracy']) > 0.9
-  stats = namespace['model'].bn
+  model = namespace['model']
+  stats = model.bn
   assert not np.allclose(stats.mean[...], 0.0) and not np.allclose(stats.var[...], 1.0)
+  h = namespace['x'] @ model.linear1.kernel[...]
+  np.testing.assert_allclose(stats.mean[...], h.reshape(2, 32, -1).mean(1).mean(0), atol=1e-5)
+  np.testing.assert_allclose(namespace['folded'](namespace['x']), model(namespace['x']), atol=1e-4)
+  assert type(namespace['folded'].bn).__name__ == 'FoldedBatchNorm'
 
 
 def test_readme_tables_are_their_results_files():

@@ -27,7 +27,6 @@ def config_for(**overrides):
   [
     ({'norm': 'group'}, 1, r"config.norm='group' is unknown"),
     ({'api': 'haiku'}, 1, r"config.api='haiku' is unknown"),
-    ({'api': 'nnx', 'bn.precise_examples': 512}, 1, r"precise_examples works with .*'linen'"),
     ({'conv_impl': 'fast'}, 1, r"config.conv_impl='fast' is unknown"),
     ({'learning_rate': 0.0}, 1, r'config.learning_rate=0.0 must be positive'),
     ({'batch_size': -4}, 1, r'config.batch_size=-4 must be positive'),

@@ -1,0 +1,103 @@
+"""Which BN layers of a Flax NNX model can be folded: `jaxbn.fold_pairs` for NNX.
+
+The same rules as for linen (see `jaxbn.fold_pairs`), for ``nnx.Linear``,
+``nnx.Conv`` and ``nnx.ConvTranspose`` followed by `jaxbn.nnx.BatchNorm` or
+``flax.nnx.BatchNorm`` (exact types). Their calls are seen through
+`jaxbn.nnx_intercept` while one inference call of a copy of the model (in
+``eval()`` mode) is traced; layers are named by their `nnx.iter_modules` paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxbn import nnx as jnnx
+from jaxbn.fold_pairs import (
+  FoldPlan,
+  Path,
+  Trace,
+  layer_name,
+  plan,
+  refuse_training,
+  split_call,
+  used_elsewhere,
+)
+from jaxbn.nnx_intercept import intercept_calls
+
+# Exact types, not subclasses: a subclass may change what its call computes.
+NNX_LINEAR_LAYERS = (nnx.Linear, nnx.Conv, nnx.ConvTranspose)
+NNX_BATCH_NORMS = (jnnx.BatchNorm, nnx.BatchNorm)
+_NOT_LINEAR = (
+  'its input is not the very output of a Linear, Conv or ConvTranspose layer (e.g. an '
+  'activation, a reshape or the model input comes between)'
+)
+
+
+def _features(layer: nnx.Module, path: Path) -> int | str:
+  """1 (the output features are the last axis), or why ``layer`` cannot fold."""
+  if getattr(layer, 'transpose_kernel', False):
+    return f'{layer_name(path)} has transpose_kernel=True (not supported)'
+  return 1
+
+
+def _apply(graphdef: nnx.GraphDef, intercept: Callable, state: nnx.State, *args, **kwargs) -> Any:
+  """A copy of the model in ``eval()`` mode called on ``args``, its layers' calls intercepted.
+
+  ``intercept(path, call, layer, args, kwargs)`` replaces each call of a
+  linear or BN layer at ``path``; ``call(*args, **kwargs)`` runs it.
+  """
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  paths = {id(layer): path for path, layer in nnx.iter_modules(model)}
+
+  def by_path(call, layer, call_args, call_kwargs):
+    path = paths.get(id(layer))
+    if path is None or type(layer) not in NNX_LINEAR_LAYERS + NNX_BATCH_NORMS:
+      return call(*call_args, **call_kwargs)
+    return intercept(path, call, layer, call_args, call_kwargs)
+
+  with intercept_calls(NNX_LINEAR_LAYERS + NNX_BATCH_NORMS, by_path):
+    return model(*args, **kwargs)
+
+
+def _record(trace: Trace, path: Path, call: Callable, layer: Any, args: tuple, kwargs: dict):
+  """Calls ``layer`` and records the call in ``trace``; refuses a BN layer in training mode."""
+  if type(layer) in NNX_BATCH_NORMS:
+    mode = args[1] if len(args) > 1 else kwargs.get('use_running_average')
+    refuse_training(path, layer.use_running_average if mode is None else mode)
+  out = call(*args, **kwargs)
+  if type(layer) in NNX_LINEAR_LAYERS:
+    trace.linear(path, layer, out)
+  else:
+    trace.bn(path, layer, args[0], out)
+  return out
+
+
+def find_pairs_nnx(model: nnx.Module, args: tuple, kwargs: dict) -> FoldPlan:
+  """The foldable BN layers of ``model(*args, **kwargs)`` in ``eval()`` mode.
+
+  Traced abstractly on a copy: ``model`` is not changed, no arithmetic runs.
+
+  Raises:
+    ValueError: if a BN layer is called in training mode.
+  """
+  graphdef, state = nnx.split(model)
+  trace = Trace(_features, _NOT_LINEAR)
+  fn, arrays = split_call(
+    functools.partial(_apply, graphdef, functools.partial(_record, trace)), args, kwargs
+  )
+  jax.eval_shape(fn, state, arrays)
+  trace.outputs.clear()  # tracers, not to be kept past their trace
+  pairs = trace.checked_pairs()
+
+  def probe_fn(inputs, probe):
+    intercept = lambda path, call, layer, a, k: probe.intercept(path, call, a, k)
+    probed, _ = split_call(functools.partial(_apply, graphdef, intercept), args, kwargs)
+    return probed(*inputs)
+
+  return plan(trace, pairs, used_elsewhere(probe_fn, (state, arrays), trace, pairs))
