@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from jaxbn import nnx as jnnx
+from jaxbn import nnx_apply
 from jaxbn.linen import BatchNorm
 from jaxbn.nnx_intercept import intercept_calls
 from jaxbn.running import unbiased_variance
@@ -196,3 +197,23 @@ def precise_batch_stats_nnx(
     for name, value in (stats or {}).items():
       variable = getattr(bn, name)
       variable[...] = value.reshape(variable.shape).astype(variable.dtype)
+
+
+def precise_batch_stats_for(
+  model: nn.Module | Callable[..., nnx.Module],
+  params: Any,
+  batch_stats: Any,
+  images: jax.Array,
+  batch_size: int,
+) -> Any:
+  """`precise_batch_stats` of a linen ``model`` or of an NNX model's constructor.
+
+  ``model`` as `jaxbn.steps.create_train_state` takes it (a linen module
+  called with ``train=True``, or ``make_model(rngs=...)``); ``params`` and
+  ``batch_stats`` and the result are nested dicts, as in its train state.
+  """
+  if isinstance(model, nn.Module):
+    return precise_batch_stats(model.apply, params, batch_stats, images, batch_size, train=True)
+  nnx_model = nnx_apply.as_module(model, {'params': params, 'batch_stats': batch_stats})
+  precise_batch_stats_nnx(nnx_model, images, batch_size)
+  return nnx.to_pure_dict(nnx.state(nnx_model, nnx.BatchStat))

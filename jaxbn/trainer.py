@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from flax import nnx
 
 from jaxbn import data as data_lib
-from jaxbn import models, nnx_apply, parallel, precise, settings, steps
+from jaxbn import models, parallel, precise, settings, steps
 from jaxbn import workdir as workdir_lib
 
 Record = dict[str, Any]
@@ -190,26 +189,19 @@ def _evaluate(run: _Run, state: steps.TrainState) -> tuple[steps.TrainState, Rec
   record = {}
   if run.config.bn.precise_examples:
     record['test_accuracy_running'] = float(run.evaluate(state, *run.test_batches)['accuracy'])
-    state = state.replace(batch_stats=_precise_batch_stats(run.config, state, run.train_images))
+    # On whole batches outside shard_map: the model without the mesh's axis name.
+    batch_stats = precise.precise_batch_stats_for(
+      settings.build_model(run.config),
+      state.params,
+      state.batch_stats,
+      run.train_images[: run.config.bn.precise_examples],
+      run.config.batch_size,
+    )
+    state = state.replace(batch_stats=batch_stats)
   test = jax.device_get(run.evaluate(state, *run.test_batches))
   record.update(test_loss=float(test['loss']), test_accuracy=float(test['accuracy']))
   record['eval_seconds'] = time.perf_counter() - start
   return state, record
-
-
-def _precise_batch_stats(config, state: steps.TrainState, train_images: jax.Array) -> Any:
-  """``state.batch_stats`` with `jaxbn.precise` statistics over ``config.bn.precise_examples``."""
-  # Computed on whole batches outside shard_map: the model without the mesh's axis name.
-  model = settings.build_model(config)
-  images = train_images[: config.bn.precise_examples]
-  if config.api == 'nnx':
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    nnx_model = nnx_apply.as_module(model, variables)
-    precise.precise_batch_stats_nnx(nnx_model, images, config.batch_size)
-    return nnx.to_pure_dict(nnx.state(nnx_model, nnx.BatchStat))
-  return precise.precise_batch_stats(
-    model.apply, state.params, state.batch_stats, images, config.batch_size, train=True
-  )
 
 
 def _record(run: _Run, state: steps.TrainState, records: list[Record]) -> None:

@@ -139,10 +139,10 @@ MUTANTS = (
     ('tests/test_precise.py',),
   ),
   Mutant(
-    "trainer: the NNX model's precise statistics are not computed",
-    'jaxbn/trainer.py',
-    'precise.precise_batch_stats_nnx(nnx_model, images, config.batch_size)',
-    'pass',
+    "precise: the NNX model's precise statistics are not computed for its train state",
+    'jaxbn/precise.py',
+    '  precise_batch_stats_nnx(nnx_model, images, batch_size)\n',
+    '',
     ('tests/test_nnx_lenet.py',),
   ),
   Mutant(
