@@ -47,6 +47,8 @@ test: data $(VENV)/.installed lint
 bench: data $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/throughput.py --repeats 15 --out results/throughput $(ARGS)
+	$(PY) benchmarks/separate.py --out results/separate
+	$(PY) benchmarks/separate.py --isa avx2 --out results/separate-avx2
 
 # On a GPU machine: accelerator tests, 10 epochs and throughput into one JSON (README, Speed,
 # GPU). Installs nothing (GPU machines may be offline): it takes the first of .venv's Python
