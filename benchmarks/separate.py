@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--isa', choices=ISAS, default='native')
   parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+  parser.add_argument('--scripts', type=int, default=3, help='runs of train.py and torch_lenet.py')
+  parser.add_argument('--epochs', type=int, default=3, help='epochs of each of those runs')
   parser.add_argument('--out', type=pathlib.Path, help='write results.json and table.md here')
   parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
   parser.add_argument('--dump', help=argparse.SUPPRESS)
@@ -160,6 +162,43 @@ def run_worker(name: str, args: argparse.Namespace) -> dict:
   return json.loads(lines[-1][len(RESULT) :])
 
 
+def epoch_rates(args: argparse.Namespace) -> dict:
+  """Per-epoch training rates of train.py and of the chapter's PyTorch loop, each its own process.
+
+  ``train.py`` (configs/lenet_bn.py) and ``torch_lenet.py`` (nn.BatchNorm,
+  D2L's DataLoader) train ``args.epochs`` epochs, in turn, ``args.scripts``
+  times (the order reversed every other time), under the ISA restriction.
+  A process's rate is the median of its epochs' examples/s as each script
+  records them (training only: no compilation, no evaluation); the ratio is
+  the median over the repeats of train.py's rate over PyTorch's.
+  """
+  rates = {'train.py': [], 'torch_lenet.py': []}
+  env = dict(os.environ, **isa_environment(args.isa))
+  for index in range(args.scripts):
+    with tempfile.TemporaryDirectory() as tmp:
+      commands = {
+        'train.py': ([sys.executable, 'train.py', '--config', 'configs/lenet_bn.py',
+                      f'--config.num_epochs={args.epochs}', '--config.progress_bar=False',
+                      f'--workdir={tmp}/jaxbn'], f'{tmp}/jaxbn/metrics.jsonl'),
+        'torch_lenet.py': ([sys.executable, 'benchmarks/torch_lenet.py',
+                            f'--epochs={args.epochs}', f'--metrics={tmp}/torch.jsonl'],
+                           f'{tmp}/torch.jsonl'),
+      }  # fmt: skip
+      for name in list(commands)[:: -1 if index % 2 else 1]:
+        command, metrics = commands[name]
+        subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
+        epochs = [json.loads(line) for line in pathlib.Path(metrics).read_text().splitlines()]
+        rates[name].append(statistics.median(r['examples_per_sec'] for r in epochs))
+    print(f'scripts {index + 1}/{args.scripts}: ' + ', '.join(
+      f'{name} {r[-1]:,.0f}' for name, r in rates.items()
+    ), flush=True)  # fmt: skip
+  return {
+    'epochs': args.epochs,
+    'examples_per_sec_each_process': rates,
+    'ratio': throughput.paired_ratio(rates, 'train.py', 'torch_lenet.py'),
+  }
+
+
 def measure(args: argparse.Namespace) -> dict:
   """``args.passes`` passes over the variants, one process each; rates and paired ratios."""
   load_before = os.getloadavg()
@@ -196,6 +235,7 @@ def measure(args: argparse.Namespace) -> dict:
     'steps_per_round': args.steps,
     'load_average_before_after': [load_before[0], os.getloadavg()[0]],
     'rows': rows,
+    'end_to_end': epoch_rates(args) if args.scripts else None,
   }
 
 
@@ -218,6 +258,17 @@ def markdown(results: dict) -> str:
     ratio = throughput.format_ratio(row['ratio_to_torch_nn_batchnorm'])
     isa = row['processes'][0]['isa']
     lines.append(f'| {row["variant"]} | {row["examples_per_sec"]:,.0f} | {ratio} | {isa} |')
+  e2e = results.get('end_to_end')
+  if e2e:
+    rates = {name: statistics.median(r) for name, r in e2e['examples_per_sec_each_process'].items()}
+    lines += [
+      '',
+      f'Per-epoch training rate of the scripts, each its own process ({e2e["epochs"]} epochs, '
+      f'{len(e2e["examples_per_sec_each_process"]["train.py"])} runs each): `train.py` '
+      f"{rates['train.py']:,.0f} examples/s, the chapter's PyTorch loop (`torch_lenet.py`, "
+      f'D2L DataLoader) {rates["torch_lenet.py"]:,.0f}: '
+      f'{throughput.format_ratio(e2e["ratio"])}.',
+    ]
   return '\n'.join(lines) + '\n'
 
 

@@ -42,7 +42,7 @@ def test_throughput_benchmark_writes_its_tables(tmp_path):
 def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path):
   run('benchmarks/separate.py', '--isa', 'avx2', '--passes', '1', '--rounds', '1', '--steps', '2',
       '--warmup', '1', '--variants', 'jaxbn LeNet, norm=none', 'torch nn.BatchNorm',
-      '--out', str(tmp_path))  # fmt: skip
+      '--scripts', '1', '--epochs', '1', '--out', str(tmp_path))  # fmt: skip
   results = json.loads((tmp_path / 'results.json').read_text())
   jax_row, torch_row = results['rows']
   assert jax_row['processes'][0]['isa'].startswith('XLA max ISA AVX2')
@@ -53,6 +53,10 @@ def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path
   assert results['environment']['ATEN_CPU_CAPABILITY'] == 'avx2'
   assert results['provenance']['cpu']['model_name']
   assert 'jaxbn LeNet, norm=none' in (tmp_path / 'table.md').read_text()
+  scripts = results['end_to_end']['examples_per_sec_each_process']
+  assert len(scripts['train.py']) == len(scripts['torch_lenet.py']) == 1
+  ratio = results['end_to_end']['ratio']['median']
+  assert ratio == pytest.approx(scripts['train.py'][0] / scripts['torch_lenet.py'][0])
 
 
 # The fields of benchmarks/gpu_check.py's JSON, in a dry run as on a GPU.
