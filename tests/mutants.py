@@ -90,6 +90,13 @@ MUTANTS = (
     ('tests/test_functional.py',),
   ),
   Mutant(
+    'normalize: autodiff of the formula instead of the closed-form derivative',
+    'jaxbn/normalize.py',
+    'if axis_name is None and not jnp.iscomplexobj(x):',
+    'if False:',
+    ('tests/test_pieces.py',),
+  ),
+  Mutant(
     "normalize: the variance's tangent is halved",
     'jaxbn/normalize.py',
     '(y_dot, mean_dot, 2.0 * x_hat_x_dot / rstd)',

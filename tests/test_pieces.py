@@ -8,9 +8,12 @@ in `batch_norm`'s output. Shapes are small: these tests are about the formulas.
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
+from flax import linen as nn
 from jax import lax
 
 import jaxbn
@@ -363,3 +366,36 @@ class PublicApiTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+def _full_size_sums(jaxpr, size: int) -> int:
+  """The reduce_sum equations over ``size`` values in ``jaxpr`` and the jaxprs inside it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == 'reduce_sum' and eqn.invars[0].aval.size == size
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, tuple | list) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += _full_size_sums(sub.jaxpr, size)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += _full_size_sums(sub, size)
+  return count
+
+
+@pytest.mark.parametrize('module, backward_sums', [(jaxbn.BatchNorm, 2), (nn.BatchNorm, 3)])
+def test_reverse_mode_reduces_twice_where_autodiff_of_the_formula_reduces_three_times(
+  module, backward_sums
+):
+  """The README's claim: the closed-form derivative's two sums serve the input and the params."""
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  layer = module(use_running_average=False)
+  variables = layer.init(jax.random.key(2), x)
+
+  def loss(params, x):
+    y, _ = layer.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return (y * w).sum()
+
+  forward = _full_size_sums(jax.make_jaxpr(loss)(variables['params'], x).jaxpr, x.size)
+  grad = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+  assert _full_size_sums(grad.jaxpr, x.size) - forward == backward_sums
