@@ -32,7 +32,9 @@ from jaxbn import provenance  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[1].strip())
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('old', help='the commit before the change')
   parser.add_argument('new', help='the commit after it')
   parser.add_argument('--pairs', type=int, default=4, help='processes of each commit')

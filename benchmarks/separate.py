@@ -1,6 +1,6 @@
 r"""Steady-state training rates with each variant in its own process, as a user runs two scripts.
 
-  python benchmarks/separate.py --out results/separate              # about 6 minutes
+  python benchmarks/separate.py --out results/separate              # about 10 minutes
   python benchmarks/separate.py --isa avx2 --out results/separate-avx2
   python benchmarks/separate.py --passes 1 --rounds 1 --steps 2 --variants 'jaxbn LeNet, norm=jaxbn'
 
@@ -15,13 +15,19 @@ quartiles. ``torch.compile`` (inductor) is a row of its own, skipped with the
 reason when it cannot compile.
 
 ``--isa avx2`` runs both frameworks as on a CPU without AVX-512:
-``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's generated code; the XLA debug
-options of the compiled step are recorded to show it took effect),
+``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's generated code; its debug
+options and the AVX-512 operands left in its object code, by objdump, are
+recorded to show that it took effect),
 ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's kernels; ``torch.backends.cpu.
 get_cpu_capability()`` is recorded) and ``ONEDNN_MAX_CPU_ISA=AVX2`` (PyTorch's
 convolutions). Writes ``results.json`` (rates, ratios, per-process ISA checks,
 provenance: commit, CPU model and flags, cores, load, versions) and
 ``table.md``.
+
+Then, as a user compares the two scripts, ``train.py`` and the chapter's
+PyTorch loop (``torch_lenet.py``) each train ``--epochs`` epochs in their own
+processes, ``--scripts`` times, under the same ISA; their per-epoch training
+rates, as each script records them, give one more paired ratio.
 """
 
 from __future__ import annotations
@@ -67,14 +73,25 @@ RESULT = 'RESULT '
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[1].strip())
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--passes', type=int, default=5, help='processes per variant')
   parser.add_argument('--rounds', type=int, default=5, help='timed rounds in each process')
   parser.add_argument('--steps', type=int, default=26, help='training steps per round')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
   parser.add_argument('--batch-size', type=int, default=256)
-  parser.add_argument('--isa', choices=ISAS, default='native')
-  parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+  parser.add_argument(
+    '--isa', choices=ISAS, default='native', help='avx2: restrict XLA, ATen and oneDNN to AVX2'
+  )
+  parser.add_argument(
+    '--variants',
+    nargs='+',
+    choices=VARIANTS,
+    default=list(VARIANTS),
+    metavar='NAME',
+    help=f'variants to time (default: all of {", ".join(map(repr, VARIANTS))})',
+  )
   parser.add_argument('--scripts', type=int, default=3, help='runs of train.py and torch_lenet.py')
   parser.add_argument('--epochs', type=int, default=3, help='epochs of each of those runs')
   parser.add_argument('--out', type=pathlib.Path, help='write results.json and table.md here')
