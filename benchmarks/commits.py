@@ -122,9 +122,7 @@ def main(argv=None) -> None:
   table = markdown(results)
   print('\n' + table)
   if args.out:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
-    (args.out / 'table.md').write_text(table)
+    throughput.write_results(args.out, results, table)
 
 
 if __name__ == '__main__':

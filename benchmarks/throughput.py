@@ -415,10 +415,15 @@ def main(argv=None) -> None:
   results = measure(args)
   print_table(results)
   if args.out:
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
-    (args.out / 'table.md').write_text(markdown(results))
-    print(f'wrote {args.out}/results.json and table.md')
+    write_results(args.out, results, markdown(results))
+
+
+def write_results(out: pathlib.Path, results: dict, table: str) -> None:
+  """``out``/results.json (the figures and their provenance) and ``out``/table.md."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+  (out / 'table.md').write_text(table)
+  print(f'wrote {out}/results.json and table.md')
 
 
 if __name__ == '__main__':
