@@ -18,7 +18,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jaxbn.renorm import renorm_correction
-from jaxbn.statistics import batch_statistics, masked_means, value_count
+from jaxbn.statistics import batch_statistics, broadcast_features, masked_means, value_count
 
 
 class _Normalization(NamedTuple):
@@ -116,7 +116,7 @@ def _normalize_jvp(how, primals, tangents):
   x, scale, bias, _, _, _, mask, _ = primals
   x_dot, scale_dot, bias_dot, _, _, epsilon_dot, *_ = tangents
   (y, batch_mean, batch_var), (rstd, r, d) = _normalize_primal(how, *primals)
-  keep = lambda v: jnp.expand_dims(v, how.axes)
+  keep = lambda v: broadcast_features(v, x.shape, how.axes)
   x_hat = (x - keep(batch_mean)) * keep(rstd)
   # A mask's count is no tangent: it is summed apart from them.
   count = None

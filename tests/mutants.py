@@ -76,6 +76,20 @@ MUTANTS = (
     ('tests/test_functional.py',),
   ),
   Mutant(
+    'statistics: the rows of a fast feature sum are grouped by feature, not by row',
+    'jaxbn/statistics.py',
+    '.sum(0).reshape(k, -1).sum(0)',
+    '.sum(0).reshape(-1, k).sum(1)',
+    ('tests/test_pieces.py', 'tests/test_functional.py'),
+  ),
+  Mutant(
+    'statistics: broadcast_features repeats each feature instead of tiling them',
+    'jaxbn/statistics.py',
+    'line = jnp.tile(v, k)',
+    'line = jnp.repeat(v, k)',
+    ('tests/test_pieces.py', 'tests/test_functional.py'),
+  ),
+  Mutant(
     'statistics: complex variance as E[(x - mean)^2]',
     'jaxbn/statistics.py',
     'return lax.square(x.real) + lax.square(x.imag)',

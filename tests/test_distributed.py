@@ -152,6 +152,11 @@ def test_train_py_runs_on_two_processes_as_on_one(tmp_path):
     '--config.data.num_train=1024',
     '--config.data.num_test=500',
     '--config.progress_bar=False',
+    # At the chapter's 1.0, 16 steps amplify the rounding of the other order
+    # of the sums across devices into a few examples of train acc; at 0.1
+    # the two runs stay within rounding (test_two_processes_take_the_steps_of_one
+    # checks the steps themselves at 1.0).
+    '--config.learning_rate=0.1',
   ]
   train = [sys.executable, str(ROOT / 'train.py'), *flags]
   port = free_port()

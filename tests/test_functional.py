@@ -510,15 +510,18 @@ class VmapTest(chex.TestCase):
 def _assert_within_float32_rounding(got, want, magnitude):
   """``(y, mean, var)`` of data with a large mean, within what float32 rounding allows.
 
-  ``ulp`` is the spacing of float32 numbers at the data's ``magnitude``. The
-  float32 mean is that close to the true one (summation rounds to about half
-  an ulp); ``x - mean`` is then exact (the two are within a factor 2), so the
-  variance is off by the mean's error squared plus the rounding of a float32
-  sum of squares (a few parts in 1e7: 16 float32 epsilons allowed), and
-  ``y`` by the mean's error over the standard deviation.
+  ``ulp`` is the spacing of float32 numbers at the data's ``magnitude``. A
+  float32 sum of n such values is within a few ulps of the sum (XLA's own
+  reduction over (64, 3, 3, 2) values of mean 1e4: mean errors up to 4.5
+  ulps in 30 seeds; `jaxbn.statistics.feature_sum`'s order: up to 1.9), so the mean is
+  allowed ``4 * ulp``; ``x - mean`` is then exact (the two are within a
+  factor 2), so the variance is off by the mean's error squared plus the
+  rounding of a float32 sum of squares (a few parts in 1e7: 16 float32
+  epsilons allowed), and ``y`` by the mean's error over the standard
+  deviation.
   """
   (y, mean, var), (y64, mean64, var64) = got, want
-  ulp = float(np.spacing(np.float32(magnitude)))
+  ulp = 4 * float(np.spacing(np.float32(magnitude)))
   float32_eps = float(np.finfo(np.float32).eps)
   np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - mean64), ulp)
   var_bound = ulp**2 + 16 * float32_eps * var64
@@ -531,9 +534,9 @@ class NumericsTest(chex.TestCase):
   """Accurate, non-negative variance for large means; float32 stats for half inputs."""
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(('fast', True), ('two_pass', False))
-  def test_large_mean_variance_is_accurate(self, use_fast_variance):
-    rng = np.random.default_rng(0)
+  @parameterized.product(use_fast_variance=(True, False), seed=(0, 1, 2))
+  def test_large_mean_variance_is_accurate(self, use_fast_variance, seed):
+    rng = np.random.default_rng(seed)
     x = (1e4 + rng.standard_normal((64, 3, 3, 2))).astype(np.float32)
     mean64, var64, _ = _np_stats(x)
     # The naive one-pass E[x^2] - E[x]^2 in float32 is useless on this input

@@ -99,6 +99,28 @@ class BatchStatisticsTest(chex.TestCase):
     chex.assert_trees_all_equal(n, expected_n.astype(np.float32))
     chex.assert_trees_all_equal(statistics.value_count(x, (0, 1)), np.float32(18))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+    ((32, 4, 4, 6), (0, 1, 2)),  # as (32, 96) rows: k = 16
+    ((64, 3, 3, 2), (0, 1, 2)),  # k = 32
+    ((48, 16), (0,)),  # k = 4
+    ((18, 4), (0,)),  # 16 does not divide 18: summed as it is
+    ((6, 5, 4), (0, 2)),  # not all leading axes: summed as it is
+  )
+  def test_feature_sum_and_its_broadcast(self, shape, axes):
+    x = _data(shape)
+    total = self.variant(statistics.feature_sum, static_argnums=1)(x, axes)
+    chex.assert_trees_all_close(total, x.astype(np.float64).sum(axes), rtol=1e-5)
+    # broadcast_features is the broadcast of the kept axes, and its transpose
+    # sums over the others.
+    v = _data(total.shape)
+    broadcast = self.variant(statistics.broadcast_features, static_argnums=(1, 2))
+    chex.assert_trees_all_equal(
+      broadcast(v, shape, axes), np.broadcast_to(np.expand_dims(v, axes), shape)
+    )
+    _, transpose = jax.vjp(lambda v: broadcast(v, shape, axes), v)
+    chex.assert_trees_all_close(transpose(x)[0], x.astype(np.float64).sum(axes), rtol=1e-5)
+
   def test_canonicalize_axes(self):
     self.assertEqual(statistics.canonicalize_axes(4, -1), (3,))
     self.assertEqual(statistics.canonicalize_axes(4, (3, -3)), (1, 3))
