@@ -67,13 +67,18 @@ def describe_cpu(info: dict[str, Any] | None = None) -> str:
 
 
 def git_commit(root: pathlib.Path = ROOT) -> str | None:
-  """``HEAD``'s hash, with ``+dirty`` when tracked files differ from it; None outside git."""
+  """``HEAD``'s hash, with ``+dirty`` when tracked files differ from it; None outside git.
+
+  Files under results/ do not count: they are what the commands write, and
+  ``make bench`` runs three of them in turn.
+  """
   try:
     run = lambda *args: subprocess.run(
       ['git', *args], cwd=root, capture_output=True, text=True, check=True
     ).stdout.strip()
     commit = run('rev-parse', 'HEAD')
-    return commit + ('+dirty' if run('status', '--porcelain', '--untracked-files=no') else '')
+    changed = run('status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)results')
+    return commit + ('+dirty' if changed else '')
   except (OSError, subprocess.CalledProcessError):
     return None
 

@@ -42,3 +42,19 @@ def test_record_names_this_commit_and_machine():
   assert record['command'].endswith('train.py --config configs/lenet_bn.py')
   assert record['cores'] >= 1 and record['cpu']['model_name']
   assert record['packages']['jax'] and record['packages']['flax']
+
+
+def test_commit_is_dirty_for_changed_code_not_for_changed_results(tmp_path):
+  git = lambda *args: subprocess.run(['git', *args], cwd=tmp_path, check=True, capture_output=True)
+  git('init', '-q')
+  (tmp_path / 'results').mkdir()
+  (tmp_path / 'results' / 'table.md').write_text('old\n')
+  (tmp_path / 'code.py').write_text('x = 1\n')
+  git('add', '.')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'start')
+  clean = provenance.git_commit(tmp_path)
+  assert len(clean) == 40
+  (tmp_path / 'results' / 'table.md').write_text('new\n')
+  assert provenance.git_commit(tmp_path) == clean
+  (tmp_path / 'code.py').write_text('x = 2\n')
+  assert provenance.git_commit(tmp_path) == clean + '+dirty'
