@@ -514,19 +514,19 @@ def _assert_within_float32_rounding(got, want, magnitude):
   float32 sum of n such values is within a few ulps of the sum (XLA's own
   reduction over (64, 3, 3, 2) values of mean 1e4: mean errors up to 4.5
   ulps in 30 seeds; `jaxbn.statistics.feature_sum`'s order: up to 1.9), so the mean is
-  allowed ``4 * ulp``; ``x - mean`` is then exact (the two are within a
+  allowed ``mean_bound = 4 * ulp``; ``x - mean`` is then exact (the two are within a
   factor 2), so the variance is off by the mean's error squared plus the
   rounding of a float32 sum of squares (a few parts in 1e7: 16 float32
   epsilons allowed), and ``y`` by the mean's error over the standard
   deviation.
   """
   (y, mean, var), (y64, mean64, var64) = got, want
-  ulp = 4 * float(np.spacing(np.float32(magnitude)))
+  mean_bound = 4 * float(np.spacing(np.float32(magnitude)))
   float32_eps = float(np.finfo(np.float32).eps)
-  np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - mean64), ulp)
-  var_bound = ulp**2 + 16 * float32_eps * var64
+  np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - mean64), mean_bound)
+  var_bound = mean_bound**2 + 16 * float32_eps * var64
   np.testing.assert_array_less(np.abs(np.asarray(var, np.float64) - var64), var_bound)
-  y_bound = ulp / np.sqrt(var64) + 16 * float32_eps * np.abs(y64)
+  y_bound = mean_bound / np.sqrt(var64) + 16 * float32_eps * np.abs(y64)
   np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - y64), y_bound)
 
 
