@@ -6,13 +6,16 @@ r"""Steady-state training rates with each variant in its own process, as a user 
 
 ``benchmarks/throughput.py`` times every variant in one process; here each
 pass starts one fresh process per variant, in turn (in reverse order every
-other pass), and each process loads the data, compiles or warms up, then
+other pass), with a PyTorch ``nn.BatchNorm`` process before and after each
+(`pass_order`). Each process loads the data, compiles or warms up, then
 times ``--rounds`` rounds of ``--steps`` steps at batch 256 (JAX as
 `jaxbn.trainer` dispatches them, PyTorch as ``d2l.train_ch6`` steps, 2
-threads) and reports the median. A ratio is the median over passes of the
-variant's rate over PyTorch ``nn.BatchNorm``'s in the same pass, with its
-quartiles. ``torch.compile`` (inductor) is a row of its own, skipped with the
-reason when it cannot compile.
+threads) and reports the median. A variant's ratio in a pass is its rate
+over the geometric mean of the two ``nn.BatchNorm`` processes around it, so
+that a drift of the host's speed over the minutes of a pass cancels; the
+table gives the median over passes and the quartiles. ``torch.compile``
+(inductor) is a row of its own, skipped with the reason when it cannot
+compile.
 
 ``--isa avx2`` runs both frameworks as on a CPU without AVX-512:
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's generated code; its debug
@@ -76,7 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument('--passes', type=int, default=5, help='processes per variant')
+  parser.add_argument(
+    '--passes',
+    type=int,
+    default=5,
+    help='passes: one process per variant, each between two of nn.BatchNorm',
+  )
   parser.add_argument('--rounds', type=int, default=5, help='timed rounds in each process')
   parser.add_argument('--steps', type=int, default=26, help='training steps per round')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before the rounds')
@@ -216,31 +224,58 @@ def epoch_rates(args: argparse.Namespace) -> dict:
   }
 
 
+def pass_order(variants: list[str], index: int) -> list[str]:
+  """The processes of pass ``index``: PyTorch ``nn.BatchNorm`` before and after each variant.
+
+  The other variants run in the given order, reversed every other pass. The
+  reference brackets each of them, so that a ratio compares processes next to
+  each other in time: the host's speed drifts over minutes, more than the
+  margins measured here.
+  """
+  others = [name for name in variants if name != throughput.REFERENCE][:: -1 if index % 2 else 1]
+  if throughput.REFERENCE not in variants:
+    return others
+  order = [throughput.REFERENCE]
+  for name in others:
+    order += [name, throughput.REFERENCE]
+  return order
+
+
+def bracketed_ratios(processes: list[tuple[str, dict]]) -> dict[str, float]:
+  """Each variant's rate in a pass over the geometric mean of the two reference rates around it."""
+  ratios = {}
+  for at, (name, result) in enumerate(processes):
+    if name == throughput.REFERENCE or 'examples_per_sec' not in result:
+      continue
+    before, after = (processes[at + d][1]['examples_per_sec'] for d in (-1, 1))
+    ratios[name] = result['examples_per_sec'] / (before * after) ** 0.5
+  return ratios
+
+
 def measure(args: argparse.Namespace) -> dict:
-  """``args.passes`` passes over the variants, one process each; rates and paired ratios."""
+  """``args.passes`` passes over the variants, one process each; rates and bracketed ratios."""
   load_before = os.getloadavg()
   passes = []
   for index in range(args.passes):
-    order = args.variants[:: -1 if index % 2 else 1]
-    passes.append({name: run_worker(name, args) for name in order})
+    passes.append([(name, run_worker(name, args)) for name in pass_order(args.variants, index)])
     print(f'pass {index + 1}/{args.passes}: ' + ', '.join(
-      f'{name} {r.get("examples_per_sec", 0):,.0f}' for name, r in passes[-1].items()
+      f'{name} {r.get("examples_per_sec", 0):,.0f}' for name, r in passes[-1]
     ), flush=True)  # fmt: skip
-  rates = {
-    name: [p[name]['examples_per_sec'] for p in passes]
-    for name in args.variants
-    if all('examples_per_sec' in p[name] for p in passes)
-  }
+  with_reference = throughput.REFERENCE in args.variants
+  ratios = [bracketed_ratios(processes) if with_reference else {} for processes in passes]
   rows = []
   for name in args.variants:
-    row = {'variant': name, 'processes': [p[name] for p in passes]}
-    if name in rates:
-      row['examples_per_sec'] = statistics.median(rates[name])
-      row['ratio_to_torch_nn_batchnorm'] = throughput.paired_ratio(
-        rates, name, throughput.REFERENCE
-      )
+    processes = [result for p in passes for n, result in p if n == name]
+    row = {'variant': name, 'processes': processes}
+    rates = [r['examples_per_sec'] for r in processes if 'examples_per_sec' in r]
+    if len(rates) < len(processes):
+      row['skipped'] = next(r['skipped'] for r in processes if 'skipped' in r)
     else:
-      row['skipped'] = next(p[name]['skipped'] for p in passes if 'skipped' in p[name])
+      row['examples_per_sec'] = statistics.median(rates)
+      if name == throughput.REFERENCE:
+        row['ratio_to_torch_nn_batchnorm'] = throughput.ratio_summary([1.0] * len(passes))
+      elif with_reference:
+        row['ratio_to_torch_nn_batchnorm'] = throughput.ratio_summary([r[name] for r in ratios])
     rows.append(row)
   return {
     'provenance': provenance.record(),
@@ -262,8 +297,10 @@ def markdown(results: dict) -> str:
   lines = [
     f'Measured at commit {record["commit"][:12]} on {record["cpu_description"]}, ISA '
     f'{results["isa"]}; jax {record["packages"]["jax"]}, torch {record["packages"]["torch"]}; '
-    f'{results["passes"]} processes per variant, each {results["rounds_per_process"]} rounds '
-    f'of {results["steps_per_round"]} steps, batch {results["batch_size"]}.',
+    f'{results["passes"]} passes, one process per variant in each, between two processes of '
+    f'PyTorch `nn.BatchNorm`; each process {results["rounds_per_process"]} rounds of '
+    f'{results["steps_per_round"]} steps, batch {results["batch_size"]}; a ratio is over the '
+    'geometric mean of the two around it.',
     '',
     '| variant, own process | examples/s | vs PyTorch `nn.BatchNorm` (quartiles) | kernels |',
     '|---|---|---|---|',

@@ -327,7 +327,11 @@ def paired_ratio(rates: dict, name: str, reference: str) -> dict | None:
   """Median and quartiles of ``name``'s rate over ``reference``'s, round by round."""
   if reference not in rates:
     return None
-  ratios = [a / b for a, b in zip(rates[name], rates[reference], strict=True)]
+  return ratio_summary([a / b for a, b in zip(rates[name], rates[reference], strict=True)])
+
+
+def ratio_summary(ratios: list[float]) -> dict:
+  """The median and quartiles of paired ratios."""
   quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
   return {'median': statistics.median(ratios), 'quartiles': [quartiles[0], quartiles[2]]}
 

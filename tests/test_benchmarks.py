@@ -50,6 +50,11 @@ def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path
     assert ', 0 AVX-512 operands' in jax_row['processes'][0]['isa']
   assert torch_row['processes'][0]['isa'] == 'ATen CPU capability AVX2'
   assert torch_row['ratio_to_torch_nn_batchnorm']['median'] == 1.0
+  # One pass is nn.BatchNorm, the JAX variant, nn.BatchNorm: the ratio is over both neighbours.
+  before, after = (p['examples_per_sec'] for p in torch_row['processes'])
+  assert jax_row['ratio_to_torch_nn_batchnorm']['median'] == pytest.approx(
+    jax_row['examples_per_sec'] / (before * after) ** 0.5
+  )
   assert results['environment']['ATEN_CPU_CAPABILITY'] == 'avx2'
   assert results['provenance']['cpu']['model_name']
   assert 'jaxbn LeNet, norm=none' in (tmp_path / 'table.md').read_text()
@@ -57,6 +62,21 @@ def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path
   assert len(scripts['train.py']) == len(scripts['torch_lenet.py']) == 1
   ratio = results['end_to_end']['ratio']['median']
   assert ratio == pytest.approx(scripts['train.py'][0] / scripts['torch_lenet.py'][0])
+
+
+def test_separate_processes_put_the_reference_around_each_variant():
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import separate
+
+  ref = separate.throughput.REFERENCE
+  variants = ['a', ref, 'b', 'c']
+  assert separate.pass_order(variants, 0) == [ref, 'a', ref, 'b', ref, 'c', ref]
+  assert separate.pass_order(variants, 1) == [ref, 'c', ref, 'b', ref, 'a', ref]
+  assert separate.pass_order(['a', 'b'], 1) == ['b', 'a']
+  rate = lambda r: {'examples_per_sec': r}
+  processes = [(ref, rate(4.0)), ('a', rate(12.0)), (ref, rate(9.0)), ('b', {'skipped': 'why'}),
+               (ref, rate(1.0)), ('c', rate(2.0)), (ref, rate(4.0))]  # fmt: skip
+  assert separate.bracketed_ratios(processes) == {'a': 2.0, 'c': 1.0}
 
 
 # The fields of benchmarks/gpu_check.py's JSON, in a dry run as on a GPU.
