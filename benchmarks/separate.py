@@ -1,6 +1,6 @@
 r"""Steady-state training rates with each variant in its own process, as a user runs two scripts.
 
-  python benchmarks/separate.py --out results/separate              # about 10 minutes
+  python benchmarks/separate.py --out results/separate              # about 15 minutes
   python benchmarks/separate.py --isa avx2 --out results/separate-avx2
   python benchmarks/separate.py --passes 1 --rounds 1 --steps 2 --variants 'jaxbn LeNet, norm=jaxbn'
 
@@ -12,10 +12,10 @@ times ``--rounds`` rounds of ``--steps`` steps at batch 256 (JAX as
 `jaxbn.trainer` dispatches them, PyTorch as ``d2l.train_ch6`` steps, 2
 threads) and reports the median. A variant's ratio in a pass is its rate
 over the geometric mean of the two ``nn.BatchNorm`` processes around it, so
-that a drift of the host's speed over the minutes of a pass cancels; the
-table gives the median over passes and the quartiles. ``torch.compile``
-(inductor) is a row of its own, skipped with the reason when it cannot
-compile.
+that a steady drift of the host's speed cancels (not the spread between
+processes, which the quartiles show); the table gives the median over
+passes and the quartiles. ``torch.compile`` (inductor) is a row of its own,
+skipped with the reason when it cannot compile.
 
 ``--isa avx2`` runs both frameworks as on a CPU without AVX-512:
 ``XLA_FLAGS=--xla_cpu_max_isa=AVX2`` (XLA's generated code; its debug
@@ -229,8 +229,7 @@ def pass_order(variants: list[str], index: int) -> list[str]:
 
   The other variants run in the given order, reversed every other pass. The
   reference brackets each of them, so that a ratio compares processes next to
-  each other in time: the host's speed drifts over minutes, more than the
-  margins measured here.
+  each other in time and a steady drift of the host's speed cancels.
   """
   others = [name for name in variants if name != throughput.REFERENCE][:: -1 if index % 2 else 1]
   if throughput.REFERENCE not in variants:
