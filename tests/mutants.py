@@ -27,7 +27,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-COPIED = ('jaxbn', 'tests', 'configs', 'train.py', 'pyproject.toml', 'README.md')
+COPIED = ('jaxbn', 'tests', 'configs', 'benchmarks', 'train.py', 'pyproject.toml', 'README.md')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +298,13 @@ MUTANTS = (
     '    if changed:\n',
     '    if False:\n',
     ('tests/test_workdir.py',),
+  ),
+  Mutant(
+    'benchmarks: a ratio is over the reference process before the variant only',
+    'benchmarks/separate.py',
+    '(before * after) ** 0.5',
+    'before',
+    ('tests/test_benchmarks.py::test_separate_processes_put_the_reference_around_each_variant',),
   ),
 )
 
