@@ -22,11 +22,13 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax.extend.core import Var
 
+from jaxbn import kernels
 from jaxbn.linen import BatchNorm
 from jaxbn.statistics import canonicalize_axes
 
 # Exact types, not subclasses: a subclass may change what its call computes.
-LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
+# kernels.BandedConv computes nn.Conv's convolution, with its variables.
+LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, kernels.BandedConv)
 BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 Path = tuple[str, ...]
 _NOT_LINEAR = (

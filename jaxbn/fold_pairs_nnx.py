@@ -1,10 +1,11 @@
 """Which BN layers of a Flax NNX model can be folded: `jaxbn.fold_pairs` for NNX.
 
 The same rules as for linen (see `jaxbn.fold_pairs`), for ``nnx.Linear``,
-``nnx.Conv`` and ``nnx.ConvTranspose`` followed by `jaxbn.nnx.BatchNorm` or
-``flax.nnx.BatchNorm`` (exact types). Their calls are seen through
-`jaxbn.nnx_intercept` while one inference call of a copy of the model (in
-``eval()`` mode) is traced; layers are named by their `nnx.iter_modules` paths.
+``nnx.Conv`` (and `jaxbn.kernels.NNXBandedConv`) and ``nnx.ConvTranspose``
+followed by `jaxbn.nnx.BatchNorm` or ``flax.nnx.BatchNorm`` (exact types).
+Their calls are seen through `jaxbn.nnx_intercept` while one inference call
+of a copy of the model (in ``eval()`` mode) is traced; layers are named by
+their `nnx.iter_modules` paths.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from jaxbn import kernels
 from jaxbn import nnx as jnnx
 from jaxbn.fold_pairs import (
   FoldPlan,
@@ -30,7 +32,7 @@ from jaxbn.fold_pairs import (
 from jaxbn.nnx_intercept import intercept_calls
 
 # Exact types, not subclasses: a subclass may change what its call computes.
-NNX_LINEAR_LAYERS = (nnx.Linear, nnx.Conv, nnx.ConvTranspose)
+NNX_LINEAR_LAYERS = (nnx.Linear, nnx.Conv, nnx.ConvTranspose, kernels.NNXBandedConv)
 NNX_BATCH_NORMS = (jnnx.BatchNorm, nnx.BatchNorm)
 _NOT_LINEAR = (
   'its input is not the very output of a Linear, Conv or ConvTranspose layer (e.g. an '

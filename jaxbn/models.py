@@ -56,11 +56,12 @@ def _max_pool(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
-def _conv_and_pool(conv_impl: str) -> tuple[Any, Any]:
-  """The convolution function given to nn.Conv / nnx.Conv (None: lax's) and the max-pool."""
+def _conv_and_pool(conv_impl: str, api: str) -> tuple[Any, Any]:
+  """The convolution layer of ``api`` (Flax's or its banded form) and the max-pool."""
   if resolve_conv_impl(conv_impl) == 'banded':
-    return kernels.banded_conv_general_dilated, kernels.max_pool_2x2
-  return None, _max_pool
+    conv = {'linen': kernels.BandedConv, 'nnx': kernels.NNXBandedConv}[api]
+    return conv, kernels.max_pool_2x2
+  return {'linen': nn.Conv, 'nnx': nnx.Conv}[api], _max_pool
 
 
 class LeNet(nn.Module):
@@ -76,7 +77,8 @@ class LeNet(nn.Module):
       (the default: D2L's momentum and epsilon) or ``flax.linen.BatchNorm``;
       None leaves them out (chapter 6's LeNet). See `norm_layer`.
     conv_impl: ``'standard'`` (``nn.Conv``, ``nn.max_pool``), ``'banded'``
-      (their XLA:CPU forms, `jaxbn.kernels`) or ``'auto'`` (banded on CPU).
+      (their XLA:CPU forms, `jaxbn.kernels.BandedConv` and
+      `jaxbn.kernels.max_pool_2x2`) or ``'auto'`` (banded on CPU).
     num_classes: size of the output layer.
     dtype: the layers' computation dtype, e.g. ``jnp.bfloat16`` (None: that of
       the inputs and parameters). Parameters, BN statistics and the logits stay
@@ -98,14 +100,9 @@ class LeNet(nn.Module):
     statistics.
     """
     xavier = nn.initializers.xavier_uniform()
-    conv_fn, pool = _conv_and_pool(self.conv_impl)
+    conv_layer, pool = _conv_and_pool(self.conv_impl, 'linen')
     conv = functools.partial(
-      nn.Conv,
-      kernel_size=(5, 5),
-      padding='VALID',
-      kernel_init=xavier,
-      dtype=self.dtype,
-      conv_general_dilated=conv_fn,
+      conv_layer, kernel_size=(5, 5), padding='VALID', kernel_init=xavier, dtype=self.dtype
     )
     dense = functools.partial(nn.Dense, kernel_init=xavier, dtype=self.dtype)
 
@@ -155,15 +152,9 @@ class NNXLeNet(nnx.Module):
     rngs: nnx.Rngs,
   ):
     xavier = nn.initializers.xavier_uniform()
-    conv_fn, self.pool = _conv_and_pool(conv_impl)
+    conv_layer, self.pool = _conv_and_pool(conv_impl, 'nnx')
     conv = functools.partial(
-      nnx.Conv,
-      kernel_size=(5, 5),
-      padding='VALID',
-      kernel_init=xavier,
-      dtype=dtype,
-      rngs=rngs,
-      **({} if conv_fn is None else {'conv_general_dilated': conv_fn}),
+      conv_layer, kernel_size=(5, 5), padding='VALID', kernel_init=xavier, dtype=dtype, rngs=rngs
     )
     dense = functools.partial(nnx.Linear, kernel_init=xavier, dtype=dtype, rngs=rngs)
     bn = lambda n: None if norm is None else norm(n, dtype=dtype, rngs=rngs)

@@ -237,6 +237,27 @@ MUTANTS = (
     ('tests/test_kernels.py',),
   ),
   Mutant(
+    "kernels: the windows' transpose shifts each kernel row's cotangent the wrong way",
+    'jaxbn/kernels.py',
+    'jnp.pad(g[:, :, :, di], ((0, 0), (di, kh - 1 - di), (0, 0), (0, 0), (0, 0)))',
+    'jnp.pad(g[:, :, :, di], ((0, 0), (kh - 1 - di, di), (0, 0), (0, 0), (0, 0)))',
+    ('tests/test_kernels.py',),
+  ),
+  Mutant(
+    'kernels: the banded convolution leaves the bias out',
+    'jaxbn/kernels.py',
+    'return y + statistics.broadcast_features(bias, y.shape, (0, 1, 2))',
+    'return y',
+    ('tests/test_kernels.py',),
+  ),
+  Mutant(
+    'kernels: BandedConv takes strided convolutions for VALID stride-1 ones',
+    'jaxbn/kernels.py',
+    "'strides 1': ones(conv.strides),",
+    "'strides 1': True,",
+    ('tests/test_kernels.py',),
+  ),
+  Mutant(
     "kernels: tied maxima each take the window's whole gradient",
     'jaxbn/kernels.py',
     'share = g / sum((qi == m).astype(g.dtype) for qi in q)',

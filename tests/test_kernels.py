@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from flax import nnx
 
 from jaxbn import kernels, models, steps
 
@@ -63,36 +64,78 @@ def value_and_vjp(f, *args, seed=1):
 
 
 @pytest.mark.parametrize(
-  'x_shape, k_shape, block',
+  'x_shape, k_shape, block, with_bias',
   [
-    ((2, 12, 12, 6), (5, 5, 6, 16), 4),
-    ((3, 28, 28, 1), (5, 5, 1, 6), 8),
-    ((2, 9, 11, 2), (3, 4, 2, 5), 4),
+    ((2, 12, 12, 6), (5, 5, 6, 16), 4, True),
+    ((3, 28, 28, 1), (5, 5, 1, 6), 8, True),
+    ((2, 9, 11, 2), (3, 4, 2, 5), 4, False),
   ],
 )
-def test_conv_valid_equals_lax_conv(x_shape, k_shape, block):
+def test_conv_valid_equals_lax_conv(x_shape, k_shape, block, with_bias):
+  # The input and bias gradients come from the custom window transpose and
+  # the bias broadcast; a random cotangent checks them against autodiff's.
   x = jax.random.normal(jax.random.key(0), x_shape)
   kernel = jax.random.normal(jax.random.key(1), k_shape)
-  got = value_and_vjp(lambda x, k: kernels.conv_valid(x, k, block), x, kernel)
-  want = value_and_vjp(lax_conv, x, kernel)
+  bias = jax.random.normal(jax.random.key(2), k_shape[-1:]) if with_bias else None
+  got = value_and_vjp(lambda x, k, b: kernels.conv_valid(x, k, b, block=block), x, kernel, bias)
+  want = value_and_vjp(
+    lambda x, k, b: lax_conv(x, k) + (0 if b is None else b.reshape(1, 1, 1, -1)), x, kernel, bias
+  )
   chex.assert_trees_all_close(got, want, **UNIT_TOL)
 
 
-@pytest.mark.parametrize(
-  'options',
-  [
-    dict(features=4, kernel_size=(5, 3), padding='VALID'),  # banded
-    dict(features=4, kernel_size=(3, 3), padding='SAME'),  # the others: lax's
-    dict(features=4, kernel_size=(3, 3), padding='VALID', strides=2),
-  ],
-)
-def test_banded_conv_general_dilated_is_a_drop_in_for_nn_conv(options):
+BANDED_OPTIONS = [
+  dict(features=4, kernel_size=(5, 3), padding='VALID'),
+  dict(features=4, kernel_size=(5, 3), padding=((0, 0), (0, 0)), use_bias=False),
+]
+# Convolutions that conv_valid does not compute, and what the error names.
+OTHER_OPTIONS = [
+  (dict(features=4, kernel_size=(3, 3), padding='SAME'), "padding='VALID'"),
+  (dict(features=4, kernel_size=(3, 3), padding='VALID', strides=2), 'strides 1'),
+  (dict(features=6, kernel_size=(3, 3), padding='VALID', feature_group_count=3), 'feature_group'),
+]
+
+
+def nnx_convs(options):
+  """NNXBandedConv and nnx.Conv with ``options`` (linen's names), initialized alike."""
+  options = dict(options)
+  features = options.pop('features')
+  return [
+    conv(3, features, **options, rngs=nnx.Rngs(1)) for conv in (kernels.NNXBandedConv, nnx.Conv)
+  ]
+
+
+@pytest.mark.parametrize('options', BANDED_OPTIONS)
+def test_banded_conv_is_a_drop_in_for_nn_conv(options):
   x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-  banded = nn.Conv(**options, conv_general_dilated=kernels.banded_conv_general_dilated)
   variables = nn.Conv(**options).init(jax.random.key(1), x)
-  got = value_and_vjp(lambda v, x: banded.apply(v, x), variables, x)
+  chex.assert_trees_all_equal(kernels.BandedConv(**options).init(jax.random.key(1), x), variables)
+  got = value_and_vjp(lambda v, x: kernels.BandedConv(**options).apply(v, x), variables, x)
   want = value_and_vjp(lambda v, x: nn.Conv(**options).apply(v, x), variables, x)
   chex.assert_trees_all_close(got, want, **UNIT_TOL)
+
+
+@pytest.mark.parametrize('options', BANDED_OPTIONS)
+def test_nnx_banded_conv_is_a_drop_in_for_nnx_conv(options):
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+  layer, reference = nnx_convs(options)
+  params = nnx.state(reference)
+  chex.assert_trees_all_equal(nnx.state(layer), params)
+
+  def apply(module):
+    graph = nnx.graphdef(module)
+    return value_and_vjp(lambda p, x: nnx.merge(graph, p)(x), params, x)
+
+  chex.assert_trees_all_close(apply(layer), apply(reference), **UNIT_TOL)
+
+
+@pytest.mark.parametrize('options, needs', OTHER_OPTIONS)
+def test_banded_convs_refuse_other_convolutions_by_name(options, needs):
+  x = jnp.zeros((2, 12, 12, 3))
+  with pytest.raises(ValueError, match=f'BandedConv computes only .*{needs}.*Use flax'):
+    kernels.BandedConv(**options).init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match=f'NNXBandedConv computes only .*{needs}'):
+    nnx_convs(options)[0](x)
 
 
 @pytest.mark.parametrize('layout', ['NHWC', 'NCHW'])
