@@ -308,7 +308,9 @@ def markdown(results: dict) -> str:
     if 'skipped' in row:
       lines.append(f'| {row["variant"]} | skipped: {row["skipped"]} | | |')
       continue
-    ratio = throughput.format_ratio(row['ratio_to_torch_nn_batchnorm'])
+    ratio = 'no `nn.BatchNorm` processes'
+    if 'ratio_to_torch_nn_batchnorm' in row:
+      ratio = throughput.format_ratio(row['ratio_to_torch_nn_batchnorm'])
     isa = row['processes'][0]['isa']
     lines.append(f'| {row["variant"]} | {row["examples_per_sec"]:,.0f} | {ratio} | {isa} |')
   e2e = results.get('end_to_end')

@@ -126,3 +126,28 @@ def test_gpu_check_without_a_gpu_stops_and_says_so(tmp_path):
   result = run('benchmarks/gpu_check.py', '--json', str(tmp_path / 'gpu.json'), ok=False)
   assert 'no GPU found' in result.stderr and '--dry-run' in result.stderr
   assert not (tmp_path / 'gpu.json').exists()
+
+
+def test_separate_processes_table_without_the_reference_says_so():
+  """--variants without 'torch nn.BatchNorm' (the script's own example): rates, no ratios."""
+  import separate
+
+  process = {'examples_per_sec': 10_000.0, 'rounds': [10_000.0], 'isa': 'XLA max ISA native'}
+  results = {
+    'provenance': {
+      'commit': 'f' * 40,
+      'cpu_description': 'a CPU',
+      'packages': {'jax': '0.10.2', 'torch': None},
+    },
+    'isa': 'native',
+    'passes': 1,
+    'rounds_per_process': 1,
+    'steps_per_round': 2,
+    'batch_size': 256,
+    'rows': [
+      {'variant': 'jaxbn LeNet, norm=jaxbn', 'processes': [process], 'examples_per_sec': 1e4}
+    ],
+  }
+  table = separate.markdown(results)
+  row = '| jaxbn LeNet, norm=jaxbn | 10,000 | no `nn.BatchNorm` processes | XLA max ISA native |'
+  assert row in table.splitlines()
