@@ -49,6 +49,8 @@ bench: data $(VENV)/.installed
 	$(PY) benchmarks/throughput.py --repeats 15 --out results/throughput $(ARGS)
 	$(PY) benchmarks/separate.py --out results/separate
 	$(PY) benchmarks/separate.py --isa avx2 --out results/separate-avx2
+	$(PY) benchmarks/separate.py --isa avx2 --variants 'torch nn.BatchNorm' 'jaxbn LeNet, norm=jaxbn' \
+	  --passes 13 --scripts 0 --out results/separate-avx2-jaxbn
 
 # On a GPU machine: accelerator tests, 10 epochs and throughput into one JSON (README, Speed,
 # GPU). Installs nothing (GPU machines may be offline): it takes the first of .venv's Python

@@ -77,6 +77,7 @@ def test_readme_tables_are_their_results_files():
     'results/throughput/table.md',
     'results/separate/table.md',
     'results/separate-avx2/table.md',
+    'results/separate-avx2-jaxbn/table.md',
     'results/devices/table.md',
   }
   for path, block in blocks:
