@@ -64,8 +64,8 @@ def test_separate_processes_benchmark_restricts_both_frameworks_to_avx2(tmp_path
   assert ratio == pytest.approx(scripts['train.py'][0] / scripts['torch_lenet.py'][0])
 
 
-def test_separate_processes_put_the_reference_around_each_variant():
-  sys.path.insert(0, str(ROOT / 'benchmarks'))
+def test_separate_processes_put_the_reference_around_each_variant(monkeypatch):
+  monkeypatch.syspath_prepend(ROOT / 'benchmarks')
   import separate
 
   ref = separate.throughput.REFERENCE
@@ -128,8 +128,9 @@ def test_gpu_check_without_a_gpu_stops_and_says_so(tmp_path):
   assert not (tmp_path / 'gpu.json').exists()
 
 
-def test_separate_processes_table_without_the_reference_says_so():
+def test_separate_processes_table_without_the_reference_says_so(monkeypatch):
   """--variants without 'torch nn.BatchNorm' (the script's own example): rates, no ratios."""
+  monkeypatch.syspath_prepend(ROOT / 'benchmarks')
   import separate
 
   process = {'examples_per_sec': 10_000.0, 'rounds': [10_000.0], 'isa': 'XLA max ISA native'}
