@@ -158,7 +158,7 @@ def _check_covered(conv: nn.Conv | nnx.Conv, inputs: jax.Array) -> None:
   valid = padding == 'VALID' or (
     not isinstance(padding, (str, int)) and all(tuple(p) == (0, 0) for p in padding)
   )
-  unsupported = {
+  requirements = {
     'inputs of rank 4 (N, H, W, C)': inputs.ndim == 4,
     'a 2-D kernel_size': len(conv.kernel_size) == 2,
     "padding='VALID'": valid,
@@ -169,7 +169,7 @@ def _check_covered(conv: nn.Conv | nnx.Conv, inputs: jax.Array) -> None:
     'mask=None': conv.mask is None,
     'shared_weights=True': getattr(conv, 'shared_weights', True),
   }
-  missing = [need for need, ok in unsupported.items() if not ok]
+  missing = [need for need, ok in requirements.items() if not ok]
   if missing:
     raise ValueError(
       f'{type(conv).__name__} computes only what kernels.conv_valid does; this call needs '
