@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# TensorFlow is only needed when tfds must download and prepare the data.
 	if [ -f $(IDX_DIR)/train-images-idx3-ubyte.gz ]; then \
-	  $(PY) -m pip install --quiet -e '.[test]'; \
+	  $(PY) -m pip install --quiet -e '.[train,test]'; \
 	else \
-	  $(PY) -m pip install --quiet -e '.[test,tf]'; \
+	  $(PY) -m pip install --quiet -e '.[train,test,tf]'; \
 	fi
 	touch $@
 

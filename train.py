@@ -27,7 +27,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxbn import data, settings, trainer, workdir
+from d2l_lenet import data, settings, trainer, workdir
 
 config_flags.DEFINE_config_file(
   'config',

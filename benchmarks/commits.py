@@ -28,7 +28,7 @@ import throughput
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxbn import provenance  # noqa: E402
+from d2l_lenet import provenance  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

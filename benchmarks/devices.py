@@ -5,7 +5,7 @@ r"""Train-step throughput of data-parallel LeNet-BN on 1, 2, 4 and 8 host CPU de
 
 Each device count runs in its own process (XLA_FLAGS must set the number of
 host devices before JAX starts) and times the trainer's step,
-`jaxbn.parallel.make_train_steps`, one step per dispatch as the trainer runs
+`d2l_lenet.parallel.make_train_steps`, one step per dispatch as the trainer runs
 it, on synthetic images, for global and per-device BN statistics. The global
 batch is the same for every count, so each device gets batch_size / devices.
 
@@ -32,7 +32,7 @@ def measure(batch_size: int, num_steps: int, repeats: int) -> dict[str, float]:
   import numpy as np
 
   from configs import lenet_bn
-  from jaxbn import parallel, settings, steps
+  from d2l_lenet import parallel, settings, steps
 
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
@@ -122,7 +122,7 @@ def main():
 def write(out: pathlib.Path, rows: list[dict]) -> None:
   """results.json (rows and provenance) and table.md (the README's table) in ``out``."""
   sys.path.insert(0, str(ROOT))
-  from jaxbn import provenance
+  from d2l_lenet import provenance
 
   record = provenance.record()
   out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from d2l_lenet.models import CONV_IMPLS, LeNet, norm_layer
 from jaxbn import folding
-from jaxbn.models import CONV_IMPLS, LeNet, norm_layer
 
 
 def main():

@@ -45,9 +45,9 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 import jax
 import throughput as throughput_lib  # benchmarks/throughput.py
 
-from jaxbn import data as data_lib
-from jaxbn import models, provenance
-from jaxbn import workdir as workdir_lib
+from d2l_lenet import data as data_lib
+from d2l_lenet import models, provenance
+from d2l_lenet import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH_SIZE = 256

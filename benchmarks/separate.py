@@ -9,7 +9,7 @@ pass starts one fresh process per variant, in turn (in reverse order every
 other pass), with a PyTorch ``nn.BatchNorm`` process before and after each
 (`pass_order`). Each process loads the data, compiles or warms up, then
 times ``--rounds`` rounds of ``--steps`` steps at batch 256 (JAX as
-`jaxbn.trainer` dispatches them, PyTorch as ``d2l.train_ch6`` steps, 2
+`d2l_lenet.trainer` dispatches them, PyTorch as ``d2l.train_ch6`` steps, 2
 threads) and reports the median. A variant's ratio in a pass is its rate
 over the geometric mean of the two ``nn.BatchNorm`` processes around it, so
 that a steady drift of the host's speed cancels (not the spread between
@@ -51,7 +51,7 @@ import throughput
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxbn import provenance  # noqa: E402
+from d2l_lenet import provenance  # noqa: E402
 
 JAX_VARIANTS = {f'jaxbn LeNet, norm={norm}': norm for norm in throughput.JAX_NORMS}
 TORCH_VARIANTS = {

@@ -5,7 +5,7 @@ r"""Training throughput of jaxbn's LeNet and of the chapter's PyTorch LeNet, in 
   python benchmarks/throughput.py --out results/throughput   # results.json and table.md
 
 Measures steady-state training examples/s at batch 256 on real Fashion-MNIST
-(`jaxbn.data.load_fashion_mnist`) for jaxbn's LeNet with each normalisation
+(`d2l_lenet.data.load_fashion_mnist`) for jaxbn's LeNet with each normalisation
 ('jaxbn', 'flax', 'none'; configs/lenet_bn.py otherwise) and, when PyTorch is
 importable, for D2L's PyTorch LeNet-BN with its from-scratch BatchNorm and with
 nn.BatchNorm (benchmarks/torch_lenet.py, torch.set_num_threads(2)). Every
@@ -14,7 +14,7 @@ variant is compiled (JAX) or warmed up first; then ``--repeats`` rounds time
 so that all see the same machine load, and a figure is the median over rounds.
 Ratios are the medians of the per-round ratios, with their quartiles: on a
 shared machine a round's load moves all variants of the round together. JAX
-steps are dispatched as `jaxbn.trainer` dispatches them (``steps_per_dispatch``
+steps are dispatched as `d2l_lenet.trainer` dispatches them (``steps_per_dispatch``
 steps per call, each call's metrics read while the next runs); PyTorch steps
 are ``d2l.train_ch6``'s.
 
@@ -49,8 +49,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for the configs/ package
 
 from configs import lenet_bn  # noqa: E402
-from jaxbn import data as data_lib  # noqa: E402
-from jaxbn import parallel, provenance, settings, steps  # noqa: E402
+from d2l_lenet import data as data_lib  # noqa: E402
+from d2l_lenet import parallel, provenance, settings, steps  # noqa: E402
 
 JAX_NORMS = ('jaxbn', 'flax', 'none')
 REFERENCE = 'torch nn.BatchNorm'
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class JaxVariant:
-  """jaxbn's LeNet with one normalisation, compiled and dispatched as `jaxbn.trainer` does."""
+  """jaxbn's LeNet with one normalisation, compiled and dispatched as `d2l_lenet.trainer` does."""
 
   framework = 'jax'
 

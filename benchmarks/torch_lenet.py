@@ -180,7 +180,7 @@ def main(argv=None) -> None:
   )
   args = parser.parse_args(argv)
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from jaxbn import data
+  from d2l_lenet import data
 
   torch.set_num_threads(2)
   torch.manual_seed(args.seed)

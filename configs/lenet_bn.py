@@ -4,7 +4,7 @@ r"""LeNet with from-scratch batch norm (jaxbn.BatchNorm), as D2L's chapter train
   python train.py --config configs/lenet_bn.py --config.num_epochs=2 --workdir /tmp/run
 
 Every field can be overridden as --config.FIELD=VALUE (--config.data.num_train=1024,
---config.bn.momentum=None); an unknown field is an error, and jaxbn.settings.validate_config
+--config.bn.momentum=None); an unknown field is an error, and d2l_lenet.settings.validate_config
 checks the values before the run starts.
 """
 
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.api = 'linen'
   # The BN layer: 'jaxbn' (from scratch), 'flax' (flax.linen.BatchNorm) or 'none' (plain LeNet).
   config.norm = 'jaxbn'
-  # Convolution and max-pool: 'standard' (Flax's), 'banded' (jaxbn.kernels' XLA:CPU
+  # Convolution and max-pool: 'standard' (Flax's), 'banded' (d2l_lenet.kernels' XLA:CPU
   # forms) or 'auto' (banded on CPU).
   config.conv_impl = 'auto'
 
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn.renorm_rmax = 0.0
   config.bn.renorm_dmax = 0.0
   config.bn.renorm_warmup_steps = 0
-  # On several devices (jaxbn.parallel), batch statistics over 'global': the whole
+  # On several devices (d2l_lenet.parallel), batch statistics over 'global': the whole
   # global batch (synchronized BN), or 'per_device': each device's block on its own
   # (as ghost BN does).
   config.bn.stats = 'global'

@@ -3,7 +3,7 @@ r"""The chapter's LeNet-BN in Flax NNX: models.NNXLeNet with jaxbn.nnx.BatchNorm
   python train.py --config configs/lenet_bn_nnx.py
 
 The same model, data, steps, checkpoints and outputs as configs/lenet_bn.py
-(the NNX model trains through jaxbn.nnx_apply.as_apply); --config.norm=flax
+(the NNX model trains through d2l_lenet.nnx_apply.as_apply); --config.norm=flax
 takes flax.nnx.BatchNorm instead.
 """
 

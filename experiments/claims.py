@@ -6,7 +6,7 @@ r"""The chapter's claims, measured: BN allows a high learning rate; BN needs lar
 Each run is a real `train.py` process (configs/lenet_bn.py with overrides) in
 its own workdir under --workdirs; finished runs are reused (train.py resumes
 them). Writes `<study>.md` (the README's table, with the commit and CPU) and
-`results.json` (every run's per-epoch records, with `jaxbn.provenance`) into --out.
+`results.json` (every run's per-epoch records, with `d2l_lenet.provenance`) into --out.
 
 * learning_rate: LeNet with and without BN at lr 1.0 and 0.1, 10 epochs.
 * batch_size: batch sizes 2, 4, 16, 64, 256 with plain BN (the batch is the
@@ -25,7 +25,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxbn import provenance  # noqa: E402
+from d2l_lenet import provenance  # noqa: E402
 
 
 def learning_rate_runs(epochs):

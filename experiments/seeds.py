@@ -13,7 +13,7 @@ the final loss, train acc and test acc, the range of the final test acc over
 seeds and over the epochs of the median seed, and the median examples/s of the
 epochs) is printed and written to ``--out``/table.md, and the figures to
 ``--out``/results.json, each config's with the command, commit, CPU and
-package versions of its runs (`jaxbn.provenance`): running some configs
+package versions of its runs (`d2l_lenet.provenance`): running some configs
 updates their rows and keeps the others'.
 """
 
@@ -27,7 +27,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxbn import provenance  # noqa: E402
+from d2l_lenet import provenance  # noqa: E402
 
 TORCH = {'torch_scratch': 'scratch', 'torch_nn': 'nn'}
 CONFIGS = ['lenet_bn', 'lenet_bn_flax', 'lenet_bn_nnx', 'lenet', 'torch_scratch', 'torch_nn']

@@ -3,10 +3,10 @@
 # The tools built on the layer, as jaxbn.folding.fold and jaxbn.precise.precise_batch_stats.
 from jaxbn import folding as folding
 from jaxbn import precise as precise
-from jaxbn.functional import BatchNormOutput, batch_norm
+from jaxbn._functional import BatchNormOutput, batch_norm
+from jaxbn._renorm import renorm_correction, renorm_schedule
+from jaxbn._running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.linen import BatchNorm
-from jaxbn.renorm import renorm_correction, renorm_schedule
-from jaxbn.running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.statistics import batch_statistics
 
 __all__ = [

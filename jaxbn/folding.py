@@ -7,7 +7,7 @@ that linear layer with, per output feature (``scale = 1`` without
 
   m = scale / sqrt(var + eps),   W' = W * m,   b' = (b - mean) * m + bias.
 
-* `fold` finds the foldable BN layers of a Flax linen model (`jaxbn.fold_pairs`, by tracing one
+* `fold` finds the foldable BN layers of a Flax linen model (`jaxbn._fold_pairs`, by tracing one
   inference call) and returns ``(apply_fn, params)``: the model with those BN
   layers skipped, and the folded kernels and biases. A BN layer is foldable when
   its input is the very array a Dense, DenseGeneral, Conv or ConvTranspose
@@ -15,8 +15,9 @@ that linear layer with, per output feature (``scale = 1`` without
   features, and nothing else uses that array (nor other calls of the layer):
   folding would change those other uses, so they make `fold` refuse the BN layer.
 * `fold_nnx` (or `fold` given an NNX model) does the same for a Flax NNX model
-  (`jaxbn.fold_pairs_nnx`) and returns a folded copy of the model.
+  (`jaxbn._fold_pairs_nnx`) and returns a folded copy of the model.
 * `fold_into_linear` is the equation for one (layer, BN) pair.
+* `register_linear` makes a linear layer type of your own foldable.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from flax import nnx, traverse_util
 from flax.core import unfreeze
 from jax import lax
 
-from jaxbn.fold_pairs import FoldPlan, Path, find_pairs, inference_mode, layer_name
-from jaxbn.fold_pairs_nnx import find_pairs_nnx
+from jaxbn._fold_pairs import FoldPlan, Path, find_pairs, layer_name
+from jaxbn._fold_pairs_nnx import find_pairs_nnx
+from jaxbn._layers import LINEN_LINEAR, NNX_LINEAR, in_training
 
 
 def fold_into_linear(
@@ -63,6 +65,30 @@ def fold_into_linear(
   if 'bias' in bn_params:
     folded_bias = folded_bias + bn_params['bias']
   return kernel * _trailing(multiplier, kernel.ndim), folded_bias
+
+
+def register_linear(layer_type: type) -> type:
+  """Lets folding treat ``layer_type`` (exactly, not its subclasses) as a linear layer.
+
+  Its call must compute what the Flax layer of its API does, ``x @ kernel + bias``
+  along the output features, with the same variables: a ``kernel`` (..., *F)
+  and, when ``use_bias``, a ``bias`` (*F,), the output features F last; a linen
+  layer names its features in ``features``, as ``nn.Dense`` and ``nn.Conv`` do.
+  E.g. a convolution computed another way (a subclass of ``nn.Conv`` with its
+  own ``__call__``). Returns ``layer_type``, so that it can be a class decorator.
+
+  Raises:
+    TypeError: if ``layer_type`` is not a Flax linen or NNX module class.
+  """
+  if isinstance(layer_type, type) and issubclass(layer_type, nn.Module):
+    LINEN_LINEAR.add(layer_type)
+  elif isinstance(layer_type, type) and issubclass(layer_type, nnx.Module):
+    NNX_LINEAR.add(layer_type)
+  else:
+    raise TypeError(
+      f'register_linear takes a flax.linen.Module or flax.nnx.Module class, not {layer_type!r}.'
+    )
+  return layer_type
 
 
 def _trailing(v: jax.Array, ndim: int) -> jax.Array:
@@ -108,9 +134,7 @@ def _folded_apply(model: nn.Module, rest: dict, pairs: dict) -> Callable:
         return y
       if path not in pairs:
         return next_fun(*args, **kwargs)
-      if outputs.pop(pairs[path], None) is not args[0] or not inference_mode(
-        context.module, args, kwargs
-      ):
+      if outputs.pop(pairs[path], None) is not args[0] or in_training(context.module, args, kwargs):
         raise ValueError(
           f'BN layer {layer_name(path)} is folded into {layer_name(pairs[path])}, but this '
           'call does not apply it to that output in inference mode as the call given to fold '
@@ -218,7 +242,7 @@ def fold_nnx(model: nnx.Module, *args, strict: bool = True, **kwargs) -> nnx.Mod
   """A copy of NNX ``model`` in ``eval()`` mode with its BN layers folded into the linear ones.
 
   Traces ``model(*args, **kwargs)`` once in ``eval()`` mode (abstractly, on a
-  copy; `jaxbn.fold_pairs_nnx`) and folds each foldable `jaxbn.nnx.BatchNorm`
+  copy; `jaxbn._fold_pairs_nnx`) and folds each foldable `jaxbn.nnx.BatchNorm`
   or ``flax.nnx.BatchNorm`` into the ``nnx.Linear``, ``nnx.Conv`` or
   ``nnx.ConvTranspose`` before it, as `fold` does for linen: that layer's
   kernel and bias become the folded ones (float32 or wider; a layer without a

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jaxbn.functional import batch_norm, layer_options
-from jaxbn.renorm import renorm_schedule
+from jaxbn._functional import batch_norm, layer_options
+from jaxbn._renorm import renorm_schedule
 from jaxbn.statistics import Axes, canonicalize_axes
 
 

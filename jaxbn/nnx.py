@@ -13,13 +13,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn.functional import (
-  Axes,
-  batch_norm,
-  canonicalize_axes,
-  layer_options,
-  renorm_schedule,
-)
+from jaxbn._functional import batch_norm, layer_options
+from jaxbn._renorm import renorm_schedule
+from jaxbn.statistics import Axes, canonicalize_axes
 
 _NO_MODE = (
   'No `use_running_average` argument was provided to BatchNorm. Give one of:\n\n'

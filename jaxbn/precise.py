@@ -23,15 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from jaxbn import nnx as jnnx
-from jaxbn import nnx_apply
-from jaxbn.linen import BatchNorm
-from jaxbn.nnx_intercept import intercept_calls
-from jaxbn.running import unbiased_variance
+from jaxbn._layers import LINEN_BATCH_NORMS, NNX_BATCH_NORMS, in_training
+from jaxbn._nnx_intercept import intercept_calls
+from jaxbn._running import unbiased_variance
 from jaxbn.statistics import Axes, batch_statistics, canonicalize_axes, value_count
 
-BATCH_NORMS = (BatchNorm, nn.BatchNorm)
-NNX_BATCH_NORMS = (jnnx.BatchNorm, nnx.BatchNorm)
 Stats = dict[str, jax.Array]
 
 
@@ -73,12 +69,8 @@ def layer_batch_statistics(
     module = context.module
     if (
       context.method_name == '__call__'
-      and isinstance(module, BATCH_NORMS)
-      and not nn.merge_param(
-        'use_running_average',
-        module.use_running_average,
-        call_kwargs.get('use_running_average', args[1] if len(args) > 1 else None),
-      )
+      and isinstance(module, LINEN_BATCH_NORMS)
+      and in_training(module, args, call_kwargs)
     ):
       unbiased = getattr(module, 'unbiased_running_var', False)
       stats[module.path] = input_statistics(args[0], module.axis, unbiased)
@@ -146,8 +138,7 @@ def _nnx_statistics(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, **kw
   stats = [None] * len(index)
 
   def record(call, bn, args, call_kwargs):
-    mode = args[1] if len(args) > 1 else call_kwargs.get('use_running_average')
-    if id(bn) in index and not (bn.use_running_average if mode is None else mode):
+    if id(bn) in index and in_training(bn, args, call_kwargs):
       if stats[index[id(bn)]] is not None:
         raise ValueError('precise statistics: a BN layer is called twice in training mode.')
       unbiased = getattr(bn, 'unbiased_running_var', False)
@@ -197,23 +188,3 @@ def precise_batch_stats_nnx(
     for name, value in (stats or {}).items():
       variable = getattr(bn, name)
       variable[...] = value.reshape(variable.shape).astype(variable.dtype)
-
-
-def precise_batch_stats_for(
-  model: nn.Module | Callable[..., nnx.Module],
-  params: Any,
-  batch_stats: Any,
-  images: jax.Array,
-  batch_size: int,
-) -> Any:
-  """`precise_batch_stats` of a linen ``model`` or of an NNX model's constructor.
-
-  ``model`` as `jaxbn.steps.create_train_state` takes it (a linen module
-  called with ``train=True``, or ``make_model(rngs=...)``); ``params`` and
-  ``batch_stats`` and the result are nested dicts, as in its train state.
-  """
-  if isinstance(model, nn.Module):
-    return precise_batch_stats(model.apply, params, batch_stats, images, batch_size, train=True)
-  nnx_model = nnx_apply.as_module(model, {'params': params, 'batch_stats': batch_stats})
-  precise_batch_stats_nnx(nnx_model, images, batch_size)
-  return nnx.to_pure_dict(nnx.state(nnx_model, nnx.BatchStat))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import models, parallel, steps
+from d2l_lenet import models, parallel, steps
 
 pytestmark = [
   pytest.mark.accelerator,

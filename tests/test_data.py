@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxbn import data
+from d2l_lenet import data
 
 IDX_DIR = data.DEBIAN_IDX_DIR
 NAMES = list(data.IDX_SHA256)

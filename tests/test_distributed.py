@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_bn
-from jaxbn import parallel, settings, steps
+from d2l_lenet import parallel, settings, steps
 
 pytestmark = pytest.mark.slow  # spawns processes
 

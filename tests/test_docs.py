@@ -3,23 +3,23 @@
 import doctest
 import io
 
-import jaxbn.functional
-import jaxbn.ghost
+import jaxbn._functional
+import jaxbn._ghost
+import jaxbn._normalize
+import jaxbn._renorm
+import jaxbn._running
 import jaxbn.linen
 import jaxbn.nnx
-import jaxbn.normalize
-import jaxbn.renorm
-import jaxbn.running
 import jaxbn.statistics
 
 MODULES = (
-  jaxbn.functional,
-  jaxbn.ghost,
+  jaxbn._functional,
+  jaxbn._ghost,
   jaxbn.linen,
   jaxbn.nnx,
-  jaxbn.normalize,
-  jaxbn.renorm,
-  jaxbn.running,
+  jaxbn._normalize,
+  jaxbn._renorm,
+  jaxbn._running,
   jaxbn.statistics,
 )
 

@@ -17,8 +17,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 import jaxbn
+from d2l_lenet.models import LeNet, norm_layer
 from jaxbn import folding
-from jaxbn.models import LeNet, norm_layer
 
 # Momentum 0: the running statistics after one training-mode call are that batch's.
 JBN = functools.partial(jaxbn.BatchNorm, momentum=0.0)

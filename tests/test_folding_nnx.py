@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxbn import folding, models
+from d2l_lenet import models
+from jaxbn import folding
 from jaxbn import nnx as jnnx
 
 JBN = functools.partial(jnnx.BatchNorm, momentum=0.0)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxbn
-import jaxbn.functional
+import jaxbn._functional
 import jaxbn.linen
 
 # ---------------------------------------------------------------------------

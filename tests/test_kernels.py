@@ -1,4 +1,4 @@
-"""The XLA:CPU layers of `jaxbn.kernels` compute what the standard Flax layers do.
+"""The XLA:CPU layers of `d2l_lenet.kernels` compute what the standard Flax layers do.
 
 The banded convolution and the pool with an elementwise gradient are checked
 against ``lax.conv_general_dilated`` / ``nn.Conv`` and a reshape-and-max pool
@@ -25,7 +25,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn import kernels, models, steps
+from d2l_lenet import kernels, models, steps
 
 # Results of differently ordered sums. Unit inputs are N(0, 1), so float32
 # sums of tens of terms carry absolute errors near 1e-6. The model's gradients

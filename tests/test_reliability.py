@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_bn
-from jaxbn import settings, steps, trainer, workdir
+from d2l_lenet import settings, steps, trainer, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = {

@@ -1,4 +1,4 @@
-"""jaxbn.settings: a refused config names the field and the fix; the model follows the config."""
+"""d2l_lenet.settings: a refused config names the field and the fix; the model follows it."""
 
 import pathlib
 
@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 import jaxbn
 from configs import lenet_bn
-from jaxbn import parallel, settings
+from d2l_lenet import parallel, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""jaxbn.steps: the pure train step, its scan, evaluation, shuffling and padding."""
+"""d2l_lenet.steps: the pure train step, its scan, evaluation, shuffling and padding."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import lenet_bn
-from jaxbn import models, settings, steps
+from d2l_lenet import models, settings, steps
 
 
 def state_for(norm='jaxbn', seed=0):

@@ -1,11 +1,11 @@
-"""jaxbn.workdir: a run's directory refuses another config and names what it cannot write."""
+"""d2l_lenet.workdir: a run's directory refuses another config and names what it cannot write."""
 
 import json
 
 import pytest
 
 from configs import lenet_bn
-from jaxbn import workdir
+from d2l_lenet import workdir
 
 
 def tiny_config(**overrides):

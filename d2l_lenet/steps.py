@@ -1,4 +1,4 @@
-"""Pure functions of training and evaluation; `jaxbn.parallel` runs them on a device mesh.
+"""Pure functions of training and evaluation; `d2l_lenet.parallel` runs them on a device mesh.
 
 Data flow: the whole data set lives on the device; each epoch draws a
 permutation there (`shuffled_batches`, from ``fold_in(key(seed), epoch)``, so
@@ -29,7 +29,8 @@ from flax import nnx
 from flax.training import train_state
 from jax import lax
 
-from jaxbn import nnx_apply
+from d2l_lenet import nnx_apply
+from jaxbn import precise
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -49,7 +50,7 @@ def create_train_state(
   ``model`` is a linen module (initialised on (1, 28, 28, 1) images) or the
   constructor of an NNX module, called as ``model(rngs=nnx.Rngs(rng))`` (e.g.
   ``functools.partial(models.NNXLeNet, norm=...)``), which then trains through
-  `jaxbn.nnx_apply.as_apply`: the same state, step and checkpoints as linen's.
+  `d2l_lenet.nnx_apply.as_apply`: the same state, step and checkpoints as linen's.
   """
   if isinstance(model, nn.Module):
     # One compiled call (op by op, initialisation compiled ~125 small programs),
@@ -69,6 +70,28 @@ def create_train_state(
   )
   # An int32 array, as a restored checkpoint has it: one compiled step serves both.
   return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def precise_batch_stats(
+  model: nn.Module | Callable[..., nnx.Module],
+  params: Any,
+  batch_stats: Any,
+  images: jax.Array,
+  batch_size: int,
+) -> Any:
+  """`jaxbn.precise`'s statistics for a train state's ``params`` and ``batch_stats``.
+
+  ``model`` as `create_train_state` takes it (a linen module called with
+  ``train=True``, or ``make_model(rngs=...)``); ``params`` and
+  ``batch_stats`` and the result are nested dicts, as in the train state.
+  """
+  if isinstance(model, nn.Module):
+    return precise.precise_batch_stats(
+      model.apply, params, batch_stats, images, batch_size, train=True
+    )
+  nnx_model = nnx_apply.as_module(model, {'params': params, 'batch_stats': batch_stats})
+  precise.precise_batch_stats_nnx(nnx_model, images, batch_size)
+  return nnx.to_pure_dict(nnx.state(nnx_model, nnx.BatchStat))
 
 
 def train_step(
@@ -195,7 +218,7 @@ def evaluate(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.
 
   Inputs are batched: images (S, B, 28, 28, 1), labels and mask (S, B); see
   `pad_and_batch`. The batches run in a ``lax.scan``; under ``jax.jit`` with
-  the B axis sharded (`jaxbn.parallel.shard`), XLA splits each over the devices.
+  the B axis sharded (`d2l_lenet.parallel.shard`), XLA splits each over the devices.
   """
 
   def body(totals, batch):

@@ -27,9 +27,9 @@ Conventions (shared by `jaxbn.BatchNorm`):
   to the running statistics except through the momentum update.
 
 `batch_norm` composes pieces that can be used and tested on their own:
-`jaxbn.statistics` (masked, cross-device batch statistics), `jaxbn.ghost`
-(virtual batches), `jaxbn.normalize` (the normalization and its derivative),
-`jaxbn.renorm` (batch renormalization) and `jaxbn.running` (running averages).
+`jaxbn.statistics` (masked, cross-device batch statistics), `jaxbn._ghost`
+(virtual batches), `jaxbn._normalize` (the normalization and its derivative),
+`jaxbn._renorm` (batch renormalization) and `jaxbn._running` (running averages).
 """
 
 from __future__ import annotations
@@ -42,23 +42,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxbn.ghost import mean_over_groups, num_groups, split_batch, with_group_axis
-from jaxbn.normalize import affine, normalize
-from jaxbn.renorm import renorm_schedule
-from jaxbn.running import cumulative_update, ema_update, unbiased_variance
-from jaxbn.statistics import Axes, batch_statistics, canonicalize_axes, value_count
-
-# With the pieces that `from jaxbn.functional import ...` has always offered; they are
-# defined in jaxbn.statistics (Axes, batch_statistics, canonicalize_axes) and jaxbn.renorm.
-__all__ = [
-  'Axes',
-  'BatchNormOutput',
-  'batch_norm',
-  'batch_statistics',
-  'canonicalize_axes',
-  'renorm_schedule',
-]
-
+from jaxbn._ghost import mean_over_groups, num_groups, split_batch, with_group_axis
+from jaxbn._normalize import affine, normalize
+from jaxbn._running import cumulative_update, ema_update, unbiased_variance
+from jaxbn.statistics import Axes, canonicalize_axes, value_count
 
 # The options of `batch_norm` that jaxbn.BatchNorm and jaxbn.nnx.BatchNorm hold
 # as attributes of the same names.

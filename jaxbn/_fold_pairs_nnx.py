@@ -1,9 +1,9 @@
-"""Which BN layers of a Flax NNX model can be folded: `jaxbn.fold_pairs` for NNX.
+"""Which BN layers of a Flax NNX model can be folded: `jaxbn._fold_pairs` for NNX.
 
-The same rules as for linen (see `jaxbn.fold_pairs`), for ``nnx.Linear``,
-``nnx.Conv`` (and `jaxbn.kernels.NNXBandedConv`) and ``nnx.ConvTranspose``
+The same rules as for linen (see `jaxbn._fold_pairs`), for ``nnx.Linear``,
+``nnx.Conv`` and ``nnx.ConvTranspose`` (and the types given to `jaxbn.folding.register_linear`)
 followed by `jaxbn.nnx.BatchNorm` or ``flax.nnx.BatchNorm`` (exact types).
-Their calls are seen through `jaxbn.nnx_intercept` while one inference call
+Their calls are seen through `jaxbn._nnx_intercept` while one inference call
 of a copy of the model (in ``eval()`` mode) is traced; layers are named by
 their `nnx.iter_modules` paths.
 """
@@ -17,9 +17,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxbn import kernels
-from jaxbn import nnx as jnnx
-from jaxbn.fold_pairs import (
+from jaxbn._fold_pairs import (
   FoldPlan,
   Path,
   Trace,
@@ -29,11 +27,9 @@ from jaxbn.fold_pairs import (
   split_call,
   used_elsewhere,
 )
-from jaxbn.nnx_intercept import intercept_calls
+from jaxbn._layers import NNX_BATCH_NORMS, NNX_LINEAR
+from jaxbn._nnx_intercept import intercept_calls
 
-# Exact types, not subclasses: a subclass may change what its call computes.
-NNX_LINEAR_LAYERS = (nnx.Linear, nnx.Conv, nnx.ConvTranspose, kernels.NNXBandedConv)
-NNX_BATCH_NORMS = (jnnx.BatchNorm, nnx.BatchNorm)
 _NOT_LINEAR = (
   'its input is not the very output of a Linear, Conv or ConvTranspose layer (e.g. an '
   'activation, a reshape or the model input comes between)'
@@ -59,21 +55,21 @@ def _apply(graphdef: nnx.GraphDef, intercept: Callable, state: nnx.State, *args,
 
   def by_path(call, layer, call_args, call_kwargs):
     path = paths.get(id(layer))
-    if path is None or type(layer) not in NNX_LINEAR_LAYERS + NNX_BATCH_NORMS:
+    if path is None or type(layer) not in (*NNX_LINEAR, *NNX_BATCH_NORMS):
       return call(*call_args, **call_kwargs)
     return intercept(path, call, layer, call_args, call_kwargs)
 
-  with intercept_calls(NNX_LINEAR_LAYERS + NNX_BATCH_NORMS, by_path):
+  with intercept_calls((*NNX_LINEAR, *NNX_BATCH_NORMS), by_path):
     return model(*args, **kwargs)
 
 
 def _record(trace: Trace, path: Path, call: Callable, layer: Any, args: tuple, kwargs: dict):
   """Calls ``layer`` and records the call in ``trace``; refuses a BN layer in training mode."""
-  if type(layer) in NNX_BATCH_NORMS:
-    mode = args[1] if len(args) > 1 else kwargs.get('use_running_average')
-    refuse_training(path, layer.use_running_average if mode is None else mode)
+  linear = type(layer) in NNX_LINEAR
+  if not linear:
+    refuse_training(path, layer, args, kwargs)
   out = call(*args, **kwargs)
-  if type(layer) in NNX_LINEAR_LAYERS:
+  if linear:
     trace.linear(path, layer, out)
   else:
     trace.bn(path, layer, args[0], out)

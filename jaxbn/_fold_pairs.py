@@ -22,14 +22,9 @@ from flax import traverse_util
 from flax.core import unfreeze
 from jax.extend.core import Var
 
-from jaxbn import kernels
-from jaxbn.linen import BatchNorm
+from jaxbn._layers import LINEN_BATCH_NORMS, LINEN_LINEAR, in_training
 from jaxbn.statistics import canonicalize_axes
 
-# Exact types, not subclasses: a subclass may change what its call computes.
-# kernels.BandedConv computes nn.Conv's convolution, with its variables.
-LINEAR_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, kernels.BandedConv)
-BATCH_NORMS = (BatchNorm, nn.BatchNorm)
 Path = tuple[str, ...]
 _NOT_LINEAR = (
   'its input is not the very output of a Dense, DenseGeneral, Conv or ConvTranspose '
@@ -69,14 +64,9 @@ def _feature_ndim(bn_axis, k: int | str, linear: Path, x: jax.Array, out: jax.Ar
   return k
 
 
-def inference_mode(bn: nn.Module, args: tuple, kwargs: dict) -> bool:
-  call = kwargs.get('use_running_average', args[1] if len(args) > 1 else None)
-  return nn.merge_param('use_running_average', bn.use_running_average, call)
-
-
-def refuse_training(path: Path, inference: bool) -> None:
-  """Raises if the BN layer at ``path`` is called in training mode (not ``inference``)."""
-  if not inference:
+def refuse_training(path: Path, bn: Any, args: tuple, kwargs: dict) -> None:
+  """Raises if the call ``bn(*args, **kwargs)`` of the BN layer at ``path`` is in training mode."""
+  if in_training(bn, args, kwargs):
     raise ValueError(
       f'fold: BN layer {layer_name(path)} is in training mode (use_running_average=False) in '
       'the example call: pass the inference-mode arguments, e.g. train=False.'
@@ -131,12 +121,13 @@ class Trace:
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or type(module) not in LINEAR_LAYERS + BATCH_NORMS:
+    linear = type(module) in LINEN_LINEAR
+    if context.method_name != '__call__' or not (linear or type(module) in LINEN_BATCH_NORMS):
       return next_fun(*args, **kwargs)
-    if type(module) in BATCH_NORMS:
-      refuse_training(module.path, inference_mode(module, args, kwargs))
+    if not linear:
+      refuse_training(module.path, module, args, kwargs)
     out = next_fun(*args, **kwargs)
-    if type(module) in LINEAR_LAYERS:
+    if linear:
       self.linear(module.path, module, out)
     else:
       self.bn(module.path, module, args[0], out)

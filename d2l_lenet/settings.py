@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from jaxbn import data, models, parallel
+from d2l_lenet import data, models, parallel
 
 
 class ConfigError(ValueError):

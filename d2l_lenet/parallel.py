@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbn import steps
+from d2l_lenet import steps
 
 DATA = 'data'
 BN_STATS = ('global', 'per_device')

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn import kernels
+from d2l_lenet import kernels
 from jaxbn import nnx as jnnx
 from jaxbn.linen import BatchNorm
 
@@ -77,8 +77,8 @@ class LeNet(nn.Module):
       (the default: D2L's momentum and epsilon) or ``flax.linen.BatchNorm``;
       None leaves them out (chapter 6's LeNet). See `norm_layer`.
     conv_impl: ``'standard'`` (``nn.Conv``, ``nn.max_pool``), ``'banded'``
-      (their XLA:CPU forms, `jaxbn.kernels.BandedConv` and
-      `jaxbn.kernels.max_pool_2x2`) or ``'auto'`` (banded on CPU).
+      (their XLA:CPU forms, `d2l_lenet.kernels.BandedConv` and
+      `d2l_lenet.kernels.max_pool_2x2`) or ``'auto'`` (banded on CPU).
     num_classes: size of the output layer.
     dtype: the layers' computation dtype, e.g. ``jnp.bfloat16`` (None: that of
       the inputs and parameters). Parameters, BN statistics and the logits stay

@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxbn import data as data_lib
-from jaxbn import models, parallel, precise, settings, steps
-from jaxbn import workdir as workdir_lib
+from d2l_lenet import data as data_lib
+from d2l_lenet import models, parallel, settings, steps
+from d2l_lenet import workdir as workdir_lib
 
 Record = dict[str, Any]
 
@@ -190,7 +190,7 @@ def _evaluate(run: _Run, state: steps.TrainState) -> tuple[steps.TrainState, Rec
   if run.config.bn.precise_examples:
     record['test_accuracy_running'] = float(run.evaluate(state, *run.test_batches)['accuracy'])
     # On whole batches outside shard_map: the model without the mesh's axis name.
-    batch_stats = precise.precise_batch_stats_for(
+    batch_stats = steps.precise_batch_stats(
       settings.build_model(run.config),
       state.params,
       state.batch_stats,

@@ -7,7 +7,7 @@ their derivatives are the same up to float rounding.
 XLA:CPU runs them several times faster than its convolutions with few
 channels (in the forward and both backward directions) and than the
 select-and-scatter that differentiates ``lax.reduce_window``. On GPUs and TPUs
-the standard layers are the fast ones: `jaxbn.models.LeNet` picks these only
+the standard layers are the fast ones: `d2l_lenet.models.LeNet` picks these only
 on CPU (``conv_impl='auto'``). tests/test_kernels.py checks them against the
 standard layers.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from jaxbn import statistics
+from jaxbn import folding, statistics
 
 
 def _window_elements(x: jax.Array, axes: tuple[int, int]) -> tuple[list[jax.Array], list[int]]:
@@ -177,12 +177,14 @@ def _check_covered(conv: nn.Conv | nnx.Conv, inputs: jax.Array) -> None:
     )
 
 
+@folding.register_linear
 class BandedConv(nn.Conv):
   """``flax.linen.Conv`` for stride-1 VALID 2-D convolutions, computed by `conv_valid`.
 
   The same variables, values and gradients as ``nn.Conv`` (up to float
   rounding); the bias is added inside `conv_valid`. Other convolutions
-  (padding, strides, dilation, groups, masks) raise a ValueError.
+  (padding, strides, dilation, groups, masks) raise a ValueError. Registered
+  with `jaxbn.folding.register_linear`, so that BN layers after it fold.
   """
 
   @nn.compact
@@ -197,6 +199,7 @@ class BandedConv(nn.Conv):
     return conv_valid(inputs, kernel, bias)
 
 
+@folding.register_linear
 class NNXBandedConv(nnx.Conv):
   """`BandedConv` for Flax NNX: ``flax.nnx.Conv`` for stride-1 VALID 2-D convolutions."""
 

@@ -4,7 +4,7 @@ NNX has no interceptors: a layer is a Python object called directly. While
 `intercept_calls` is active, the ``__call__`` of the given classes (as
 defined in each class, so that subclasses calling ``super().__call__`` are
 seen too) goes through an interceptor, as linen's do. Meant for tracing one
-call (`jaxbn.precise`, `jaxbn.fold_pairs`); it patches the classes, so other
+call (`jaxbn.precise`, `jaxbn._fold_pairs`); it patches the classes, so other
 threads calling those layers meanwhile are intercepted as well.
 """
 

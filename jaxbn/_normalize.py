@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxbn.renorm import renorm_correction
+from jaxbn._renorm import renorm_correction
 from jaxbn.statistics import batch_statistics, broadcast_features, masked_means, value_count
 
 
@@ -166,7 +166,7 @@ def normalize(
     x: the input, in the precision of the statistics (float32 or wider),
       real or complex.
     scale: gamma of the statistics' shape (the axes of ``x`` not in
-      ``axes``; 1 along a group axis, `jaxbn.ghost.with_group_axis`), or None.
+      ``axes``; 1 along a group axis, `jaxbn._ghost.with_group_axis`), or None.
     bias: beta of that shape, or None.
     mean: the running mean of that shape: the shift of the one-pass moments
       and the reference of batch renormalization.
