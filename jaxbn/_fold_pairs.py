@@ -32,36 +32,46 @@ _NOT_LINEAR = (
 )
 
 
+def flat_variables(variables: Mapping[str, Any]) -> dict[str, dict[Path, Any]]:
+  """``{collection: {path of a leaf: leaf}}`` of linen ``variables`` (frozen or not)."""
+  return {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
+
+
 def layer_name(path: Path) -> str:
   """A layer path as the errors name it, e.g. \'block1/bn\' (or \'blocks/0/bn\' in NNX)."""
   return repr('/'.join(map(str, path))) if path else 'the model itself'
 
 
-def _linen_features(layer: nn.Module, path: Path) -> int | str:
-  """How many last axes of a linen linear layer's output are its features, or why it cannot fold."""
+class CannotFold(Exception):
+  """Why a BN layer cannot be folded (its message), raised while tracing and recorded."""
+
+
+def _linen_features(layer: nn.Module, path: Path) -> int:
+  """How many last axes of a linen linear layer's output are its features.
+
+  Raises:
+    CannotFold: if the layer's form is one folding does not cover.
+  """
   if getattr(layer, 'batch_dims', ()):
-    return f'{layer_name(path)} has batch_dims (not supported)'
+    raise CannotFold(f'{layer_name(path)} has batch_dims (not supported)')
   if getattr(layer, 'transpose_kernel', False):
-    return f'{layer_name(path)} has transpose_kernel=True (not supported)'
+    raise CannotFold(f'{layer_name(path)} has transpose_kernel=True (not supported)')
   return 1 if isinstance(layer.features, int) else len(layer.features)
 
 
-def _feature_ndim(bn_axis, k: int | str, linear: Path, x: jax.Array, out: jax.Array) -> int | str:
-  """``k`` if the BN layer normalises the last ``k`` axes of ``x`` in its dtype, else why not.
+def _check_feature_axes(bn_axis, k: int, linear: Path, x: jax.Array, out: jax.Array) -> None:
+  """Raises `CannotFold` unless the BN layer normalises the last ``k`` axes of ``x`` in its dtype.
 
   ``x``: the output of the linear layer at ``linear``, whose last ``k`` axes
-  are its features (or ``k`` says why it cannot fold); ``out``: the BN layer's output.
+  are its features; ``out``: the BN layer's output.
   """
-  if isinstance(k, str):
-    return k
   if canonicalize_axes(x.ndim, bn_axis) != tuple(range(x.ndim - k, x.ndim)):
-    return (
+    raise CannotFold(
       f'its axis={bn_axis} is not the output-feature axis of {layer_name(linear)} (the last '
       f'{k} of {x.ndim} axes)'
     )
   if out.dtype != x.dtype:
-    return f'it changes the dtype ({x.dtype} to {out.dtype}); folding would not'
-  return k
+    raise CannotFold(f'it changes the dtype ({x.dtype} to {out.dtype}); folding would not')
 
 
 def refuse_training(path: Path, bn: Any, args: tuple, kwargs: dict) -> None:
@@ -107,17 +117,17 @@ class Trace:
     self.calls[path] += 1
     self.layers[path] = bn
     linear, source = self.outputs.get(id(x), (None, None))
-    k = self.not_linear
-    if source is x:
-      k = _feature_ndim(bn.axis, self.features(self.layers[linear], linear), linear, x, out)
-    if isinstance(k, int) and any(p.linear == linear for p in self.pairs.values()):
-      k = f'the output of {layer_name(linear)} also enters another BN layer'
-    if isinstance(k, str):
-      self.reasons[path] = k
-    else:
-      self.pairs[path] = _Pair(
-        linear, x.shape[x.ndim - k :], jax.ShapeDtypeStruct(x.shape, x.dtype)
-      )
+    try:
+      if source is not x:
+        raise CannotFold(self.not_linear)
+      k = self.features(self.layers[linear], linear)
+      _check_feature_axes(bn.axis, k, linear, x, out)
+      if any(p.linear == linear for p in self.pairs.values()):
+        raise CannotFold(f'the output of {layer_name(linear)} also enters another BN layer')
+    except CannotFold as e:
+      self.reasons[path] = str(e)
+      return
+    self.pairs[path] = _Pair(linear, x.shape[x.ndim - k :], jax.ShapeDtypeStruct(x.shape, x.dtype))
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -267,7 +277,7 @@ def find_pairs(
 
   jax.eval_shape(traced, variables, arrays)
   trace.outputs.clear()  # tracers, not to be kept past their trace
-  flat = {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
+  flat = flat_variables(variables)
   pairs = trace.checked_pairs(flat['params'], flat.get('batch_stats', {}))
 
   def probe_fn(inputs, probe):

@@ -18,6 +18,7 @@ import jax
 from flax import nnx
 
 from jaxbn._fold_pairs import (
+  CannotFold,
   FoldPlan,
   Path,
   Trace,
@@ -36,10 +37,14 @@ _NOT_LINEAR = (
 )
 
 
-def _features(layer: nnx.Module, path: Path) -> int | str:
-  """1 (the output features are the last axis), or why ``layer`` cannot fold."""
+def _features(layer: nnx.Module, path: Path) -> int:
+  """1: the output features are the last axis.
+
+  Raises:
+    CannotFold: if ``layer`` has a transposed kernel (not supported).
+  """
   if getattr(layer, 'transpose_kernel', False):
-    return f'{layer_name(path)} has transpose_kernel=True (not supported)'
+    raise CannotFold(f'{layer_name(path)} has transpose_kernel=True (not supported)')
   return 1
 
 

@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx, traverse_util
-from flax.core import unfreeze
 from jax import lax
 
-from jaxbn._fold_pairs import FoldPlan, Path, find_pairs, layer_name
+from jaxbn._fold_pairs import FoldPlan, Path, find_pairs, flat_variables, layer_name
 from jaxbn._fold_pairs_nnx import find_pairs_nnx
 from jaxbn._layers import LINEN_LINEAR, NNX_LINEAR, in_training
 
@@ -70,12 +69,16 @@ def fold_into_linear(
 def register_linear(layer_type: type) -> type:
   """Lets folding treat ``layer_type`` (exactly, not its subclasses) as a linear layer.
 
-  Its call must compute what the Flax layer of its API does, ``x @ kernel + bias``
-  along the output features, with the same variables: a ``kernel`` (..., *F)
-  and, when ``use_bias``, a ``bias`` (*F,), the output features F last; a linen
-  layer names its features in ``features``, as ``nn.Dense`` and ``nn.Conv`` do.
+  Its call must compute ``x @ kernel + bias`` (or a convolution) along the
+  output features F, the last axes of its output, from variables laid out as
+  Flax's layers lay them out: a ``kernel`` (..., *F) and, when ``use_bias``, a
+  ``bias`` (*F,). A linen layer declares them as params ``kernel`` and
+  ``bias`` and names F in ``features`` (an int or a tuple); an NNX layer holds
+  them as attributes ``kernel`` and ``bias`` (``nnx.data(None)`` without a
+  bias, which folding then sets) and adds ``bias`` whenever it is not None.
   E.g. a convolution computed another way (a subclass of ``nn.Conv`` with its
-  own ``__call__``). Returns ``layer_type``, so that it can be a class decorator.
+  own ``__call__``), or a hand-written dense layer. Returns ``layer_type``, so
+  that it can be a class decorator.
 
   Raises:
     TypeError: if ``layer_type`` is not a Flax linen or NNX module class.
@@ -189,7 +192,7 @@ def fold(
     return fold_nnx(model, variables, *args, strict=strict, **kwargs)
   plan = find_pairs(model, variables, args, kwargs)
   _refuse(plan, model, strict)
-  flat = {col: traverse_util.flatten_dict(unfreeze(tree)) for col, tree in variables.items()}
+  flat = flat_variables(variables)
   pairs = plan.pairs
   params, rest = _fold_variables(flat, pairs, plan.layers)
   return _folded_apply(model, rest, pairs), params

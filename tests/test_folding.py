@@ -253,3 +253,47 @@ def test_fold_into_dense_by_hand():
   # multiplier = scale / sqrt(var) = [1, 0.5]
   chex.assert_trees_all_close(k, jnp.array([[1.0, 1.0], [3.0, 2.0]]))
   chex.assert_trees_all_close(b, jnp.array([(0.5 - 1.0) * 1 + 1.0, (-1.0 - 2.0) * 0.5]))
+
+
+def _affine_model(use_bias: bool):
+  """A linear layer folding has never seen (not a Flax class), then BN; a new class per call."""
+
+  class Affine(nn.Module):
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param('kernel', nn.initializers.zeros, (x.shape[-1], self.features))
+      y = x @ kernel
+      bias = self.param('bias', nn.initializers.zeros, (self.features,)) if self.use_bias else None
+      return y if bias is None else y + bias[None]
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      return JBN(use_running_average=not train)(Affine(4, use_bias, name='affine')(x))
+
+  return Affine, Model()
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_a_registered_linear_layer_of_the_users_folds(use_bias):
+  affine, model = _affine_model(use_bias)
+  x = _inputs((16, 3))
+  variables = _variables(model, x, 1)
+  with pytest.raises(ValueError, match="'BatchNorm_0': its input is not the very output"):
+    folding.fold(model, variables, x, train=False)
+  assert folding.register_linear(affine) is affine
+  apply_fn, params = folding.fold(model, variables, x, train=False)
+  assert set(params) == {'affine'}
+  assert _has_rsqrt(functools.partial(model.apply, train=False), variables, x)
+  assert not _has_rsqrt(functools.partial(apply_fn, train=False), params, x)
+  chex.assert_trees_all_close(
+    apply_fn(params, x, train=False), model.apply(variables, x, train=False), atol=1e-5, rtol=1e-5
+  )
+
+
+def test_register_linear_refuses_what_is_no_flax_layer():
+  with pytest.raises(TypeError, match=r'flax\.linen\.Module or flax\.nnx\.Module class'):
+    folding.register_linear(jnp.dot)

@@ -135,3 +135,30 @@ class TrainingCall(nnx.Module):
 def test_training_mode_call_is_refused():
   with pytest.raises(ValueError, match=r"'bn' is in training mode"):
     folding.fold(TrainingCall(nnx.Rngs(0)), _inputs((4, 3)))
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_a_registered_linear_layer_of_the_users_folds(use_bias):
+  class Affine(nnx.Module):  # a linear layer folding has never seen (not a Flax class)
+    def __init__(self, rngs):
+      self.kernel = nnx.Param(jax.random.normal(rngs.params(), (3, 4)))
+      self.bias = nnx.Param(jax.random.normal(rngs.params(), (4,))) if use_bias else nnx.data(None)
+      self.use_bias = use_bias
+
+    def __call__(self, x):
+      return x @ self.kernel[...] + (0.0 if self.bias is None else self.bias[...][None])
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.affine, self.bn = Affine(rngs), JBN(4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.affine(x))
+
+  x = _inputs((16, 3))
+  model = _prepared(Model(nnx.Rngs(0)), x.shape)
+  with pytest.raises(ValueError, match="'bn': its input is not the very output"):
+    folding.fold(model, x)
+  assert folding.register_linear(Affine) is Affine
+  folded = _check_folded(model, x, {('bn',)})
+  chex.assert_shape(folded.affine.bias[...], (4,))
