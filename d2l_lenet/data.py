@@ -24,9 +24,10 @@ import gzip
 import hashlib
 import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from d2l_lenet import files
 
 DEBIAN_IDX_DIR = '/usr/share/datasets/fashion-mnist'
 NUM_CLASSES = 10
@@ -155,11 +156,8 @@ def _idx_bytes(array: np.ndarray) -> bytes:
 
 def _write_cache(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
   """Writes the uint8 arrays atomically, so a killed run leaves no half file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp', delete=False) as f:
+  with files.atomic_file(path) as f:
     np.savez(f, **arrays)
-  os.chmod(f.name, 0o644)
-  os.replace(f.name, path)
 
 
 def _read_cache(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from d2l_lenet import divisors
 from jaxbn import folding, statistics
 
 
@@ -72,10 +73,6 @@ def max_pool_2x2(x: jax.Array, axes: Sequence[int] = (1, 2)) -> jax.Array:
   window is shared equally by its tied maxima), computed elementwise.
   """
   return _max_pool(x, tuple(axes))
-
-
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -137,7 +134,7 @@ def conv_valid(
   n, h, w, i = x.shape
   kh, kw, _, o = kernel.shape
   ho, wo = h - kh + 1, w - kw + 1
-  block = _largest_divisor(wo, block)
+  block = divisors.largest_divisor(wo, block)
   width = block + kw - 1
   # band[dj, v, u] = 1 where window column v feeds output column u through kernel column dj.
   band = np.stack([np.eye(width, block, -dj, dtype=np.float32) for dj in range(kw)])

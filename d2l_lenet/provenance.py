@@ -1,11 +1,11 @@
 """Where a figure came from: the command, the commit, the machine and the packages.
 
 Speeds differ several-fold between CPUs of the same nominal kind (an AMD EPYC
-with AVX-512 ran jaxbn's LeNet 3x faster than one with AVX2 only), and training
+with AVX-512 runs jaxbn's LeNet several times faster than one with AVX2 only), and training
 at a high learning rate rounds differently on each: a figure without its CPU,
 its commit and its command cannot be checked. `record` gathers all of it for
-a results file; the benchmarks, the experiments and ``train.py`` store it next
-to what they measure.
+a results file; the benchmarks (benchmarks/) and the experiments (experiments/)
+store it next to what they measure.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from flax import nnx
 from flax.training import train_state
 from jax import lax
 
-from d2l_lenet import nnx_apply
+from d2l_lenet import divisors, nnx_apply
 from jaxbn import precise
 
 Batch = dict[str, jax.Array]
@@ -53,9 +53,9 @@ def create_train_state(
   `d2l_lenet.nnx_apply.as_apply`: the same state, step and checkpoints as linen's.
   """
   if isinstance(model, nn.Module):
-    # One compiled call (op by op, initialisation compiled ~125 small programs),
-    # without LLVM's optimisations: it runs once, and its random-number code
-    # otherwise took 1.3 s of a 1.6 s compilation. Same values either way.
+    # One compiled program without LLVM's optimisations: it runs once, so
+    # optimising its random-number code costs more than it saves; the values
+    # are the same either way.
     init = jax.jit(functools.partial(model.init, train=False))
     example = jnp.zeros((1, 28, 28, 1), jnp.float32)
     init = init.lower(rng, example).compile({'xla_backend_optimization_level': 0})
@@ -191,7 +191,7 @@ def steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
   """
   if wanted <= 0 or wanted >= steps_per_epoch:
     return steps_per_epoch
-  return max(d for d in range(1, wanted + 1) if steps_per_epoch % d == 0)
+  return divisors.largest_divisor(steps_per_epoch, wanted)
 
 
 def eval_step(state: TrainState, batch: Batch) -> Metrics:

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from d2l_lenet import files
+
 # Fields that do not change what a run computes: a run may resume with
 # other values of these (e.g. more epochs).
 RESUMABLE_FIELDS = ('num_epochs', 'progress_bar', 'steps_per_dispatch', 'eval_batch_size')
@@ -85,9 +87,8 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def write_text(path: pathlib.Path, text: str) -> None:
   """Writes ``text`` atomically: readers see the old file or the new, never half."""
-  with tempfile.NamedTemporaryFile('w', dir=path.parent, delete=False, suffix='.tmp') as f:
+  with files.atomic_file(path, 'w') as f:
     f.write(text)
-  os.replace(f.name, path)
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict[str, Any]]:
@@ -131,10 +132,9 @@ def plot_curves(workdir: pathlib.Path, records: list[dict[str, Any]], title: str
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   path = workdir / 'curves.png'
-  tmp = path.with_suffix('.tmp.png')
-  fig.savefig(tmp)
+  with files.atomic_file(path) as f:
+    fig.savefig(f, format='png')
   plt.close(fig)
-  os.replace(tmp, path)
   return path
 
 

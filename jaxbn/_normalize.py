@@ -193,7 +193,7 @@ def normalize(
   )
   args = (x, scale, bias, mean, var, epsilon, mask, renorm_clip)
   # With a named axis the same formula is differentiated by autodiff: jax
-  # 0.10 loses the axis name of a vmap when a custom JVP batched under it is
+  # loses the axis name of a vmap when a custom JVP batched under it is
   # differentiated after jit ("unbound axis name"). Complex inputs too: the
   # closed form is written for real ones.
   if axis_name is None and not jnp.iscomplexobj(x):
