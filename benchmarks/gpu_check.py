@@ -55,7 +55,7 @@ VARIANTS = (('jaxbn', None), ('flax', None), ('none', None), ('jaxbn', 'bfloat16
 ACCURACY_FLOOR = 0.8  # the chapter's 10 epochs give 0.83-0.89 over seeds (README, Results)
 TARGET = 1_000_000  # examples/s of the jaxbn LeNet on a modern GPU
 REFERENCE = 60_220  # examples/s of the seed's PyTorch nn.BatchNorm LeNet on a GPU
-INSTALL = 'pip install -e ".[test]" "jax[cuda12]"'
+INSTALL = 'pip install -e ".[train,test]" "jax[cuda12]"'
 
 
 @dataclasses.dataclass(frozen=True)
