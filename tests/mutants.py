@@ -239,6 +239,20 @@ MUTANTS = (
     ('tests/test_folding_nnx.py',),
   ),
   Mutant(
+    'folding: register_linear does not register a linen layer',
+    'jaxbn/folding.py',
+    '    LINEN_LINEAR.add(layer_type)',
+    '    pass',
+    ('tests/test_folding.py',),
+  ),
+  Mutant(
+    "layers: a BN call's use_running_average does not override the layer's",
+    'jaxbn/_layers.py',
+    'return not (bn.use_running_average if call is None else call)',
+    'return not bn.use_running_average',
+    ('tests/test_precise.py', 'tests/test_folding_nnx.py'),
+  ),
+  Mutant(
     'kernels: the band of the banded convolution is shifted by one column',
     'd2l_lenet/kernels.py',
     'np.eye(width, block, -dj, dtype=np.float32)',
