@@ -20,6 +20,7 @@ statistics over the global batch (--config.bn.stats=global) or each device's blo
 """
 
 import pathlib
+import re
 import sys
 import time
 
@@ -74,6 +75,10 @@ def parse_flags(argv):
     args = FLAGS(argv)
     FLAGS.config.keys()  # the config file is loaded lazily; fail here if it cannot be
   except flags.Error as e:
+    # A --config.FIELD value of the wrong type: absl names the flag, the rule says what fits.
+    field = re.match(r'flag --config\.([\w.]+)=', str(e))
+    if field and field[1] in settings.RULES:
+      sys.exit(f'error: {e}; config.{field[1]} {settings.explain(field[1])}')
     sys.exit(f'error: {e}\nSee python train.py --help.')
   except (AttributeError, KeyError) as e:  # ml_collections: an unknown field
     text = str(e.args[0] if e.args else e).replace('\\n', '\n').replace("\\'", "'")

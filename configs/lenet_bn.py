@@ -4,8 +4,8 @@ r"""LeNet with from-scratch batch norm (jaxbn.BatchNorm), as D2L's chapter train
   python train.py --config configs/lenet_bn.py --config.num_epochs=2 --workdir /tmp/run
 
 Every field can be overridden as --config.FIELD=VALUE (--config.data.num_train=1024,
---config.bn.momentum=None); an unknown field is an error, and d2l_lenet.settings.validate_config
-checks the values before the run starts.
+--config.bn.momentum=None); an unknown field is an error, and every value is checked against
+its rule in d2l_lenet.settings.RULES before the run starts.
 """
 
 import ml_collections
@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   # jaxbn only).
   config.bn.virtual_batch_size = 0
   # Batch renormalization (Ioffe, 2017; jaxbn only): r clipped to [1/rmax, rmax], d to
-  # [-dmax, dmax], widened from (1, 0) over the warm-up steps (rmax 0: off).
+  # [-dmax, dmax], widened from (1, 0) over the warm-up steps (rmax 0: off, and then
+  # dmax and the warm-up stay 0).
   config.bn.renorm_rmax = 0.0
   config.bn.renorm_dmax = 0.0
   config.bn.renorm_warmup_steps = 0
@@ -61,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Multi-host start-up (jax.distributed.initialize). coordinator_address:
   # '' = one process; 'host:port' of process 0; 'auto' = let JAX detect the
   # cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). num_processes 0 and
-  # process_id -1 mean: taken from the cluster environment.
+  # process_id -1 mean: taken from the cluster environment; other values need
+  # a coordinator_address.
   config.distributed = ml_collections.ConfigDict()
   config.distributed.coordinator_address = ''
   config.distributed.num_processes = 0

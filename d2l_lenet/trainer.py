@@ -77,6 +77,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def _setup(config, workdir) -> tuple[_Run, steps.TrainState, int]:
   """The run's mesh, workdir, data, model, compiled steps, and the state to start from."""
+  # Every field before anything starts: a bad value leaves no process group,
+  # workdir, loaded data or compiled step behind.
+  settings.validate_fields(config)
   parallel.initialize_distributed(config.distributed)
   mesh = parallel.make_mesh()
   settings.validate_config(config, num_devices=mesh.size)
@@ -167,7 +170,7 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int) -> tuple[steps.
     raise FloatingPointError(
       f'The parameters stopped being finite in epoch {epoch} (they are checked after its '
       f'last step, step {int(state.step)} of the run). Stopped; '
-      f'{_kept(epoch, run.workdir)} Try a lower learning_rate.'
+      f'{_kept(epoch, run.workdir)} {_likely_causes(config)}'
     )
   examples = run.steps_per_epoch * config.batch_size
   return state, {
@@ -234,11 +237,29 @@ def _kept(epoch: int, workdir: pathlib.Path) -> str:
   return f'the checkpoint and metrics of epoch {epoch - 1} in {workdir} are kept.'
 
 
+def _likely_causes(config: ml_collections.ConfigDict) -> str:
+  """Why training stops being finite, most common first, each with its field's value."""
+  causes = [
+    f'a learning rate too high for this model (config.learning_rate={config.learning_rate})'
+  ]
+  if config.norm != 'none':
+    causes.append(
+      'a BN epsilon too small to keep the normalisation of a nearly constant channel '
+      f'finite in float32 (config.bn.epsilon={config.bn.epsilon})'
+    )
+  causes.append(
+    'or input data that is not Fashion-MNIST as d2l_lenet.data loads it '
+    f'(config.data.data_dir={config.data.data_dir!r}, idx_dir={config.data.idx_dir!r})'
+  )
+  return f'Likely causes: {"; ".join(causes)}.'
+
+
 class _EpochMeter:
   """Adds up an epoch's step metrics, drives its progress bar, stops on a non-finite loss."""
 
   def __init__(self, epoch, config, steps_per_epoch, workdir):
-    self.epoch, self.steps_per_epoch, self.workdir = epoch, steps_per_epoch, workdir
+    self.epoch, self.config = epoch, config
+    self.steps_per_epoch, self.workdir = steps_per_epoch, workdir
     self.sums = {'loss': 0.0, 'accuracy': 0.0}
     self.steps = 0
     self.bar = tqdm.tqdm(
@@ -258,7 +279,7 @@ class _EpochMeter:
       raise FloatingPointError(
         f'The loss became {metrics["loss"][bad[0]]} at epoch {self.epoch}, step '
         f'{first_step + bad[0] + 1} of {self.steps_per_epoch}. Stopped; '
-        f'{_kept(self.epoch, self.workdir)} Try a lower learning_rate.'
+        f'{_kept(self.epoch, self.workdir)} {_likely_causes(self.config)}'
       )
     for key in self.sums:
       self.sums[key] += float(metrics[key].sum())

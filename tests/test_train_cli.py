@@ -23,6 +23,11 @@ def train(*args, cwd=ROOT, timeout=600):
   )
 
 
+def contents(directory):
+  """Every path under ``directory`` with its bytes (files) and modification time."""
+  return {p: (p.is_file() and p.read_bytes(), p.stat().st_mtime_ns) for p in directory.rglob('*')}
+
+
 @pytest.mark.slow
 def test_trains_on_real_data_and_writes_every_output(tmp_path):
   workdir = tmp_path / 'run'
@@ -68,19 +73,37 @@ def test_help_explains_the_command():
   'flag, expected',
   [
     ('--config.num_epoch=2', 'num_epoch'),  # a typo of num_epochs
-    ('--config.learning_rate=-1.0', 'config.learning_rate=-1.0 must be positive'),
+    ('--config.learning_rate=-1.0', 'config.learning_rate=-1.0 must be a finite number > 0'),
     ('--config.norm=layer', "config.norm='layer' is unknown"),
     ('--config.bn.stats=sync', "config.bn.stats='sync' is unknown"),
     ('--config.data.num_train=100', 'config.batch_size=256 is larger than the 100 training'),
     ('--config.bn.momentun=0.5', 'momentun'),  # a typo in a nested field
     ('--config.batch_size=1', 'single value per feature'),
+    # A value the flag parser cannot read as the field's type: absl's words, then the rule.
+    ('--config.batch_size=abc', 'config.batch_size must be an integer >= 1'),
+    # The three cases of issue 27, which once reached training.
+    ('--config.bn.epsilon=-1', 'config.bn.epsilon=-1.0 must be a finite number > 0'),
+    ('--config.steps_per_dispatch=-3', 'config.steps_per_dispatch=-3 must be an integer >= 1'),
+    (
+      '--config.distributed.num_processes=2',
+      'config.distributed.num_processes=2 has no effect without '
+      'config.distributed.coordinator_address',
+    ),
   ],
 )
-def test_bad_flags_fail_with_a_message_and_no_traceback(tmp_path, flag, expected):
-  result = train('--config=configs/lenet_bn.py', f'--workdir={tmp_path}', flag)
+def test_bad_flags_fail_with_one_line_and_leave_the_workdir_unchanged(tmp_path, flag, expected):
+  workdir = tmp_path / 'run'  # as an earlier run left it
+  (workdir / 'checkpoints' / '1').mkdir(parents=True)
+  (workdir / 'checkpoints' / '1' / 'state').write_bytes(b'weights')
+  (workdir / 'config.json').write_text('{"norm": "jaxbn"}\n')
+  (workdir / 'metrics.jsonl').write_text('{"epoch": 1}\n')
+  before = contents(workdir)
+  result = train('--config=configs/lenet_bn.py', f'--workdir={workdir}', flag)
   assert result.returncode != 0
-  assert expected in result.stderr
   assert 'Traceback' not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith('error: ') and expected in last_line, result.stderr[-2000:]
+  assert contents(workdir) == before
 
 
 def test_corrupt_idx_files_and_an_unwritable_workdir_fail_with_a_message(tmp_path):
