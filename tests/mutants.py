@@ -253,6 +253,20 @@ MUTANTS = (
     ('tests/test_precise.py', 'tests/test_folding_nnx.py'),
   ),
   Mutant(
+    'settings: NaN and infinity pass a number field',
+    'd2l_lenet/settings.py',
+    'if not isinstance(value, number) or not math.isfinite(value):',
+    'if not isinstance(value, number):',
+    ('tests/test_settings.py',),
+  ),
+  Mutant(
+    'settings: num_processes without a coordinator is ignored',
+    'd2l_lenet/settings.py',
+    '  _check_distributed(config.distributed)\n',
+    '',
+    ('tests/test_settings.py',),
+  ),
+  Mutant(
     'kernels: the band of the banded convolution is shifted by one column',
     'd2l_lenet/kernels.py',
     'np.eye(width, block, -dj, dtype=np.float32)',
