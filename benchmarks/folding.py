@@ -10,14 +10,19 @@ statistics come from a few training-mode calls, so folding is not the identity.
 
 import argparse
 import functools
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from d2l_lenet.models import CONV_IMPLS, LeNet, norm_layer
 from jaxbn import folding
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # d2l_lenet, in the checkout
+
+from d2l_lenet.models import CONV_IMPLS, LeNet, norm_layer
 
 
 def main():

@@ -45,11 +45,13 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 import jax
 import throughput as throughput_lib  # benchmarks/throughput.py
 
-from d2l_lenet import data as data_lib
-from d2l_lenet import models, provenance
-from d2l_lenet import workdir as workdir_lib
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # d2l_lenet runs from the checkout
+
+from d2l_lenet import data as data_lib  # noqa: E402
+from d2l_lenet import models, provenance  # noqa: E402
+from d2l_lenet import workdir as workdir_lib  # noqa: E402
+
 BATCH_SIZE = 256
 VARIANTS = (('jaxbn', None), ('flax', None), ('none', None), ('jaxbn', 'bfloat16'))
 ACCURACY_FLOOR = 0.8  # the chapter's 10 epochs give 0.83-0.89 over seeds (README, Results)
