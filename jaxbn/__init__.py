@@ -3,7 +3,7 @@
 # The tools built on the layer, as jaxbn.folding.fold and jaxbn.precise.precise_batch_stats.
 from jaxbn import folding as folding
 from jaxbn import precise as precise
-from jaxbn._functional import BatchNormOutput, batch_norm
+from jaxbn._functional import BatchNormOutput, SingleValueWarning, batch_norm
 from jaxbn._renorm import renorm_correction, renorm_schedule
 from jaxbn._running import cumulative_update, ema_update, unbiased_variance
 from jaxbn.linen import BatchNorm
@@ -12,6 +12,7 @@ from jaxbn.statistics import batch_statistics
 __all__ = [
   'BatchNorm',
   'BatchNormOutput',
+  'SingleValueWarning',
   'batch_norm',
   'batch_statistics',
   'cumulative_update',

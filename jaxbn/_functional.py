@@ -22,6 +22,15 @@ Conventions (shared by `jaxbn.BatchNorm`):
   averaged per feature.
 * **Precision**: statistics are reduced in at least float32, so bfloat16 or
   float16 inputs get float32 statistics.
+* **One value per feature** (training mode on a batch of one dense example,
+  a (1, 1, 1, C) feature map, or virtual batches of one such example) is
+  computed as Flax computes it: the batch mean is the value itself and the
+  batch variance 0, so ``y = bias`` exactly and the running mean and variance
+  move toward the value and toward 0. A `SingleValueWarning` says so when
+  the call is traced, as nothing is learned from such a batch. With
+  ``unbiased_running_var=True`` the running variance is left as it is
+  instead: one value has no unbiased variance (``n / (n - 1)`` with
+  ``n = 1``), and 0 would make later inference divide by ``sqrt(epsilon)``.
 * **Derivatives** in training mode are batch norm's closed form, through the
   batch statistics and in forward and reverse mode to any order; none flows
   to the running statistics except through the momentum update.
@@ -35,6 +44,7 @@ Conventions (shared by `jaxbn.BatchNorm`):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -109,15 +119,48 @@ def _check_inputs(x, feature_axes, named_stats, momentum, count, renorm_clip):
     )
 
 
-def _check_values_per_feature(shape, feature_axes, xg, group_axes, groups, axis_name):
-  if math.prod(xg.shape[a] for a in group_axes) == 1 and axis_name is None:
-    raise ValueError(
-      f'Training-mode batch norm of an input of shape {shape} with '
-      f'feature axes {feature_axes} averages a single value per feature'
-      f'{" in each virtual batch" if groups > 1 else ""}: the output would be the '
-      'bias alone and nothing would be learned. Use a batch of at least 2 '
-      'examples, or use_running_average=True.'
-    )
+class SingleValueWarning(UserWarning):
+  """Training-mode batch norm averaged a single value per feature, e.g. a batch of one.
+
+  Emitted by `jaxbn.batch_norm` and the layers while they are traced: once
+  per call of a layer in a trace, not at every step of a jitted function.
+  The message names the layer (its path in a linen model; its class and
+  size in NNX) and the input's shape, so that Python's default filter shows
+  each layer's once. The output is then ``bias`` alone, as in Flax, and
+  nothing is learned from the batch. Filter exactly this warning with
+  ``warnings.filterwarnings('ignore', category=jaxbn.SingleValueWarning)``
+  or ``-W ignore::jaxbn.SingleValueWarning``.
+  """
+
+
+def _static_axis_size(axis_name: Any, axis_index_groups: Any) -> int | None:
+  """The number of devices (or vmapped examples) that ``axis_name`` averages over, if static."""
+  if axis_name is None:
+    return 1
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
+  try:
+    size = lax.axis_size(axis_name)
+  except (NameError, TypeError):  # an unbound name fails later, with JAX's own message
+    return None
+  return size if isinstance(size, int) else None
+
+
+def _single_value(xg, group_axes, axis_name, axis_index_groups) -> bool:
+  """Whether training-mode statistics average one value per feature (without a mask)."""
+  devices = _static_axis_size(axis_name, axis_index_groups)
+  return devices is not None and math.prod(xg.shape[a] for a in group_axes) * devices == 1
+
+
+def _warn_single_value(shape, feature_axes, groups, name):
+  warnings.warn(
+    f'{name or "jaxbn.batch_norm"} in training mode normalises an input of shape '
+    f'{shape} (feature axes {feature_axes}) with a single value per feature'
+    f'{" in each virtual batch" if groups > 1 else ""}: its output is the bias alone '
+    'and nothing is learned from it. Use a larger batch, or use_running_average=True.',
+    SingleValueWarning,
+    stacklevel=3,
+  )
 
 
 def batch_norm(
@@ -141,6 +184,8 @@ def batch_norm(
   dtype: DTypeLike | None = None,
   virtual_batch_size: int | None = None,
   renorm_clip: tuple[ArrayLike, ArrayLike] | None = None,
+  name: str | None = None,
+  warn_single_value: bool = True,
 ) -> BatchNormOutput:
   r"""Batch normalization (Ioffe & Szegedy, 2015) of ``x`` along ``axis``.
 
@@ -171,7 +216,9 @@ def batch_norm(
       ``mean`` and ``var``; the caller increments it after a training step.
     unbiased_running_var: store ``n / (n - 1)`` times the batch variance in
       the running variance, as PyTorch does (``n`` values per feature;
-      `jaxbn.unbiased_variance`).
+      `jaxbn.unbiased_variance`). A feature of a single value (``n = 1``:
+      a batch, virtual batch or mask of one value) leaves the running
+      variance unchanged, its mean still being averaged in.
     use_fast_variance: one pass with moments shifted by the running mean
       ``mean`` (True) or two passes (False); see `batch_statistics`. Both are
       accurate and never negative.
@@ -193,6 +240,13 @@ def batch_norm(
       sigma, -dmax, dmax)``, ``mu, sigma`` from the running averages and no
       gradient through ``r, d`` (`jaxbn.renorm_correction`). ``(1, 0)`` is
       plain batch norm; the values may be traced (see `renorm_schedule`).
+    name: the layer, as the `SingleValueWarning` names it (the layers pass
+      their class and path); None names ``jaxbn.batch_norm``. The warning
+      names the input's shape too.
+    warn_single_value: whether training-mode statistics of a single value
+      per feature (known from the shapes and ``axis_name``'s size, not from
+      a mask) emit a `SingleValueWarning`; `jaxbn.BatchNorm` turns it off
+      during ``init``, which learns nothing from its example.
 
   Returns:
     ``BatchNormOutput(y, mean, var)``: ``y`` of the shape of ``x``, and the
@@ -202,10 +256,12 @@ def batch_norm(
     TypeError: if ``x`` is neither floating point nor complex, or complex with
       ``renorm_clip``.
     ValueError: if an axis is out of range, a statistic or parameter is not of
-      shape ``F``, ``momentum`` is outside [0, 1], ``count`` is missing for
-      ``momentum=None``, or training-mode statistics would average a single
-      value per feature (e.g. a batch of one dense example): the output would
-      then be ``bias`` alone and the layer would learn nothing.
+      shape ``F``, ``momentum`` is outside [0, 1], or ``count`` is missing for
+      ``momentum=None``.
+
+  Warns:
+    SingleValueWarning: in training mode, when the statistics average a
+      single value per feature (see the conventions above).
 
   Example:
     >>> x = jnp.arange(12.0).reshape(4, 3)  # a batch of 4, 3 features
@@ -234,7 +290,9 @@ def batch_norm(
   # axis (none without virtual batches).
   groups = num_groups(x.shape[0], feature_axes, virtual_batch_size)
   xg, group_axes = split_batch(x, reduction_axes, groups)
-  _check_values_per_feature(x.shape, feature_axes, xg, group_axes, groups, axis_name)
+  single = mask is None and _single_value(xg, group_axes, axis_name, axis_index_groups)
+  if single and warn_single_value:
+    _warn_single_value(x.shape, feature_axes, groups, name)
   if mask is not None:
     mask, _ = split_batch(
       jnp.broadcast_to(jnp.asarray(mask, bool), x.shape), reduction_axes, groups
@@ -246,13 +304,18 @@ def batch_norm(
     axes=group_axes,
     mask=mask,
     renorm_clip=renorm_clip,
-    use_fast_variance=use_fast_variance,
+    # One value is its own mean, exactly (and y exactly bias, as in Flax); the
+    # fast variance would round it through the shift by the running mean.
+    use_fast_variance=use_fast_variance and not single,
     axis_name=axis_name,
     axis_index_groups=axis_index_groups,
   )
   if unbiased_running_var:
     n = value_count(xg, group_axes, mask, axis_name, axis_index_groups)
-    batch_var = unbiased_variance(batch_var, n)
+    # One value has no unbiased variance (n - 1 = 0): such a batch (or virtual
+    # batch, or masked feature) leaves the running variance as it is.
+    carried = with_group_axis(var, groups)
+    batch_var = jnp.where(n == 1, carried, unbiased_variance(batch_var, n))
   batch_stats = mean_over_groups((batch_mean, batch_var), groups)
   if momentum is None:
     new_mean, new_var = cumulative_update((mean, var), batch_stats, count)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -24,6 +23,11 @@ class BatchNorm(nn.Module):
   ``mutable=['batch_stats']`` and keep the returned updates; evaluate with
   ``use_running_average=True``. Running statistics are not updated by
   ``init``. See `jaxbn.batch_norm` for the equations and conventions.
+
+  Training on a single value per feature (a batch of one dense example, say)
+  computes what Flax computes, the output being ``bias``, and emits a
+  `jaxbn.SingleValueWarning` naming the layer's path when traced; ``init``
+  on such a batch (a dummy example) emits none.
 
   Beyond Flax:
 
@@ -120,11 +124,9 @@ class BatchNorm(nn.Module):
       return value if self.force_float32_reductions else jnp.asarray(value, self.param_dtype)
 
     initializing = self.is_initializing()
-    if initializing and math.prod(jnp.shape(x)) == math.prod(feature_shape):
-      # `init` with one example (e.g. a dummy (1, C) input) must not fail the
-      # single-value check of training mode: nothing is learned from it.
-      use_running_average = True
     options = layer_options(self)
+    path = '/'.join(self.scope.path)
+    where = f"at '{path}'" if path else '(top-level module)'
     if initializing:  # the named axis may not exist yet (as in Flax)
       options.update(axis_name=None, axis_index_groups=None)
     y, new_mean, new_var = batch_norm(
@@ -137,6 +139,9 @@ class BatchNorm(nn.Module):
       count=None if count is None else count.value,
       mask=mask,
       renorm_clip=renorm_clip,
+      name=f'{type(self).__name__} {where}',
+      # `init` learns nothing; its example is often a dummy batch of one.
+      warn_single_value=not initializing,
       **options,
     )
     if not initializing and not use_running_average:

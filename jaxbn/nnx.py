@@ -44,7 +44,12 @@ class BatchNorm(nnx.Module):
     (1 - momentum) * batch`` (PyTorch's ``momentum=0.1`` is ``0.9`` here);
   * the running variance holds the biased batch variance (as Flax and D2L)
     unless ``unbiased_running_var=True``; normalisation always uses the
-    biased one.
+    biased one;
+  * training on a single value per feature (a batch of one dense example,
+    or one example under a per-example ``nnx.vmap``) computes what Flax
+    computes, the output being ``bias``, and emits a
+    `jaxbn.SingleValueWarning` naming the layer (its class and
+    ``num_features``) when traced.
 
   Beyond Flax (as `jaxbn.BatchNorm`, the linen module):
 
@@ -236,6 +241,8 @@ class BatchNorm(nnx.Module):
       count=None if self.count is None else self.count[...],
       mask=mask,
       renorm_clip=renorm_clip,
+      # An NNX module does not know its path in the model; its size names it.
+      name=f'{type(self).__name__}(num_features={self.num_features})',
       **layer_options(self),
     )
     if not use_running_average:

@@ -60,10 +60,6 @@ class GhostBatchNormTest(chex.TestCase):
     x, scale, bias, mean, var = _inputs()
     with self.assertRaisesRegex(ValueError, r'virtual_batch_size=3 does not divide .* 8'):
       jaxbn.batch_norm(x, scale, bias, mean, var, use_running_average=False, virtual_batch_size=3)
-    with self.assertRaisesRegex(ValueError, 'single value per feature in each virtual batch'):
-      jaxbn.batch_norm(
-        x[:, 0, 0], scale, bias, mean, var, use_running_average=False, virtual_batch_size=1
-      )
     y = jnp.ones((4, 6))
     with self.assertRaisesRegex(ValueError, 'axis 0 is a feature axis'):
       jaxbn.batch_norm(
@@ -76,6 +72,29 @@ class GhostBatchNormTest(chex.TestCase):
         use_running_average=False,
         virtual_batch_size=2,
       )
+
+  @parameterized.named_parameters(('biased', False), ('unbiased', True))
+  def test_virtual_batches_of_one_value_are_batches_of_one(self, unbiased_running_var):
+    # Each example alone, as Flax normalises a batch of one: the output is the
+    # bias, the running mean takes the mean of the examples, and the running
+    # variance their variance 0 (biased) or, as one value has no unbiased
+    # variance, stays as it is.
+    x, scale, bias, mean, var = _inputs((8, 3))
+    with pytest.warns(jaxbn.SingleValueWarning, match='single value per feature in each virtual'):
+      y, new_mean, new_var = jaxbn.batch_norm(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        use_running_average=False,
+        momentum=0.75,
+        virtual_batch_size=1,
+        unbiased_running_var=unbiased_running_var,
+      )
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, (8, 3)))
+    np.testing.assert_allclose(new_mean, 0.75 * mean + 0.25 * x.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_var, var if unbiased_running_var else 0.75 * var, rtol=1e-6)
 
   def test_module_option(self):
     x = _inputs()[0]

@@ -7,6 +7,8 @@ equations in float64 NumPy and independent of jaxbn, or from invariants
 
 import functools
 import math
+import re
+import warnings
 
 import chex
 import hypothesis
@@ -824,6 +826,111 @@ class ComplexTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# One value per feature: Flax's result, with a warning.
+
+
+def _single_value_warnings(record):
+  return [w for w in record if issubclass(w.category, jaxbn.SingleValueWarning)]
+
+
+class SingleValueTest(parameterized.TestCase):
+  """Training on one value per feature computes what Flax does and warns once per trace."""
+
+  def _inputs(self, shape, axis):
+    """x far from the running mean (so that a rounded mean would show), and the stats."""
+    x, scale, bias, mean, var = _inputs(shape, axis)
+    return 100.0 * x, scale, bias, mean, var
+
+  @parameterized.named_parameters(
+    ('dense', (1, 3), -1),
+    ('rank1', (3,), -1),
+    ('nhwc_1x1', (1, 1, 1, 3), -1),
+    ('nchw_1x1', (1, 3, 1, 1), 1),
+  )
+  def test_output_is_the_bias_and_the_running_stats_move_to_the_value_and_0(self, shape, axis):
+    x, scale, bias, mean, var = self._inputs(shape, axis)
+    message = rf'^jaxbn\.batch_norm .* shape {re.escape(str(shape))} .*single value per feature'
+    with self.assertWarnsRegex(jaxbn.SingleValueWarning, message) as caught:
+      y, new_mean, new_var = jaxbn.batch_norm(
+        x, scale, bias, mean, var, use_running_average=False, axis=axis, momentum=0.75
+      )
+    self.assertEqual(caught.filename, __file__)  # the caller's line, for -W filters by module
+    keep = _split_axes(shape, axis)[3]
+    # Exactly the bias, as Flax: the value is its own mean, its variance 0.
+    np.testing.assert_array_equal(y, np.broadcast_to(bias.reshape(keep), shape))
+    value = x.reshape(3)
+    np.testing.assert_allclose(new_mean, 0.75 * mean + 0.25 * value, rtol=1e-6)
+    np.testing.assert_allclose(new_var, 0.75 * var, rtol=1e-6)
+
+  @parameterized.named_parameters(('ema', 0.75, None), ('cumulative', None, 3))
+  def test_unbiased_running_var_of_one_value_is_carried_over(self, momentum, count):
+    x, scale, bias, mean, var = self._inputs((1, 3), -1)
+    with self.assertWarns(jaxbn.SingleValueWarning):
+      _, new_mean, new_var = jaxbn.batch_norm(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        use_running_average=False,
+        momentum=momentum,
+        count=count,
+        unbiased_running_var=True,
+      )
+    np.testing.assert_array_equal(new_var, var)  # n / (n - 1) with n = 1 has no value
+    want_mean = 0.75 * mean + 0.25 * x[0] if count is None else (3 * mean + x[0]) / 4
+    np.testing.assert_allclose(new_mean, want_mean, rtol=1e-6)
+
+  def test_unbiased_running_var_of_a_feature_masked_to_one_value_is_carried_over(self):
+    x, scale, bias, mean, var = _inputs((4, 3))
+    mask = np.ones((4, 3), bool)
+    mask[1:, 0] = False  # feature 0: one value; features 1 and 2: four
+    _, new_mean, new_var = jaxbn.batch_norm(
+      x, scale, bias, mean, var, use_running_average=False, momentum=0.5, mask=mask,
+      unbiased_running_var=True,
+    )  # fmt: skip
+    _, want_mean, want_var = np_batch_norm(
+      x, scale, bias, mean, var, use_running_average=False, momentum=0.5,
+      unbiased_running_var=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(new_mean[0], 0.5 * mean[0] + 0.5 * x[0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(new_var[0], var[0])
+    np.testing.assert_allclose(new_mean[1:], want_mean[1:], rtol=1e-5)
+    np.testing.assert_allclose(new_var[1:], want_var[1:], rtol=1e-5)
+
+  def test_warned_once_per_trace_under_jit_and_grad(self):
+    x, scale, bias, mean, var = self._inputs((1, 3), -1)
+    loss = lambda x: jnp.sum(
+      jaxbn.batch_norm(x, scale, bias, mean, var, use_running_average=False).y ** 2
+    )
+    step = jax.jit(jax.value_and_grad(loss))
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter('always')
+      _, grad = step(x)
+      step(x + 1.0)  # the same trace: no new warning
+      self.assertLen(_single_value_warnings(record), 1)
+      step(x.reshape(1, 1, 3))  # a new shape, a new trace
+      self.assertLen(_single_value_warnings(record), 2)
+    # y = bias whatever x is; the two terms of the gradient, each about
+    # scale * 2 * bias / sqrt(epsilon) ~ 600, cancel to rounding.
+    np.testing.assert_allclose(grad, np.zeros((1, 3)), atol=1e-4)
+
+  def test_axis_name_counts_the_values_across_the_named_axis(self):
+    x, scale, bias, mean, var = self._inputs((1, 3), -1)
+    call = lambda x: jaxbn.batch_norm(
+      x, scale, bias, mean, var, use_running_average=False, axis_name='batch'
+    )
+    with self.assertWarns(jaxbn.SingleValueWarning):
+      y, _, _ = jax.vmap(call, axis_name='batch')(x[None])  # one device, one value
+    np.testing.assert_array_equal(y[0], np.broadcast_to(bias, (1, 3)))
+    # Three examples of one value each, averaged across the axis: no warning.
+    xs = np.concatenate([x, x + 1.0, x - 1.0])[:, None]
+    out = jax.vmap(call, axis_name='batch')(xs)
+    want = np_batch_norm(xs[:, 0], scale, bias, mean, var, use_running_average=False)
+    chex.assert_trees_all_close(out.y[:, 0], want[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
 # Errors.
 
 
@@ -878,15 +985,9 @@ class ErrorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r'momentum=None.*needs count'):
       self._call(momentum=None)
 
-  @parameterized.named_parameters(
-    ('dense', (1, 3), -1), ('rank1', (3,), -1), ('nchw_1x1', (1, 3, 1, 1), 1)
-  )
-  def test_single_value_per_feature_in_training(self, shape, axis):
-    with self.assertRaisesRegex(ValueError, r'single value per feature'):
-      self._call(np.ones(shape, np.float32), axis=axis)
-
   def test_single_example_is_fine_when_not_degenerate(self):
-    # Inference mode, or a conv feature map (several values per channel).
+    # Inference mode, or a conv feature map (several values per channel): no
+    # SingleValueWarning, which pytest's filterwarnings=error would raise.
     self._call(np.ones((1, 3), np.float32), use_running_average=True)
     self._call(np.ones((1, 2, 2, 3), np.float32))
 

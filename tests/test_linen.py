@@ -7,6 +7,7 @@ variables, outputs, running-statistics updates and gradients. The extras
 
 import dataclasses
 import inspect
+import warnings
 
 import chex
 import flax.linen as nn
@@ -369,6 +370,115 @@ class ExtrasTest(chex.TestCase):
     chex.assert_trees_all_close((y, updates), unrounded, atol=tol, rtol=tol)
 
 
+# ---------------------------------------------------------------------------
+# One value per feature (a batch of one): what Flax computes, with a warning.
+
+
+def _single_value_warnings(record):
+  return [str(w.message) for w in record if issubclass(w.category, jaxbn.SingleValueWarning)]
+
+
+class _Block(nn.Module):
+  """Dense, BN, Dense, BN; the BN layer is a field (Flax's or jaxbn's)."""
+
+  norm: type[nn.Module]
+
+  @nn.compact
+  def __call__(self, x, train):
+    for name in ('bn1', 'bn2'):
+      x = nn.Dense(4)(x)
+      x = self.norm(use_running_average=not train, momentum=0.9, name=name)(x)
+    return x
+
+
+class _Model(nn.Module):
+  """One `_Block`, named ``block``: its BN layers are ``block/bn1`` and ``block/bn2``."""
+
+  norm: type[nn.Module]
+
+  @nn.compact
+  def __call__(self, x, train):
+    return _Block(self.norm, name='block')(x, train)
+
+
+class SingleValueTest(chex.TestCase):
+  """A batch of one: flax.linen.BatchNorm's outputs and updates, one warning per layer and trace."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ('dense', (1, 5), 0, True),
+    ('conv', (1, 1, 1, 5), 0, True),
+    ('dense_axis_name_of_1', (1, 5), 1, True),
+    ('conv_axis_name_of_1', (1, 1, 1, 5), 1, True),
+    ('conv_axis_name_of_3', (1, 1, 1, 5), 3, False),
+  )
+  def test_matches_flax(self, shape, devices, warns):
+    # devices > 0: a vmap of that many shards with axis_name, each a batch of one.
+    x = _data((max(devices, 1), *shape), 0)
+    axis_name = 'batch' if devices else None
+    outputs, warned = {}, {}
+    for cls in (nn.BatchNorm, jaxbn.BatchNorm):
+      model = cls(momentum=0.9, axis_name=axis_name)
+      # init in training mode on the batch of one itself (the axis name is
+      # not used by init, as in Flax).
+      variables = _randomize(model.init(jax.random.key(0), x[0], use_running_average=False), 2)
+      step = lambda x, model=model, variables=variables: model.apply(
+        variables, x, use_running_average=False, mutable=['batch_stats']
+      )
+      step = jax.vmap(step, axis_name=axis_name) if devices else lambda x, step=step: step(x[0])
+      with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        outputs[cls] = self.variant(step)(x)
+      warned[cls] = _single_value_warnings(record)
+    self.assertEqual(warned[nn.BatchNorm], [])
+    self.assertLen(warned[jaxbn.BatchNorm], 1 if warns else 0)
+    self.assertEqual(
+      _shapes_and_dtypes(outputs[jaxbn.BatchNorm]), _shapes_and_dtypes(outputs[nn.BatchNorm])
+    )
+    chex.assert_trees_all_close(
+      outputs[jaxbn.BatchNorm], outputs[nn.BatchNorm], atol=1e-5, rtol=1e-6
+    )
+    if warns:  # the output is the bias alone
+      y, bias = outputs[jaxbn.BatchNorm][0], variables['params']['bias']
+      chex.assert_trees_all_close(y, jnp.broadcast_to(bias, y.shape), atol=1e-6)
+
+  def test_warning_names_each_layer_once_per_trace(self):
+    model = _Model(jaxbn.BatchNorm)
+    x = _data((1, 3), 0)
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter('always')
+      # init in training mode on a batch of one learns nothing and says nothing.
+      variables = model.init(jax.random.key(0), x, train=True)
+      self.assertEqual(_single_value_warnings(record), [])
+
+      def loss(params, x):
+        y, updates = model.apply(
+          {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+        )
+        return jnp.sum(y**2), updates
+
+      step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+      step(variables['params'], x)
+      step(variables['params'], x + 1.0)  # the same trace
+      messages = _single_value_warnings(record)
+    self.assertLen(messages, 2)
+    for name, message in zip(('block/bn1', 'block/bn2'), messages, strict=True):
+      self.assertIn(f"BatchNorm at '{name}' in training mode", message)
+      self.assertIn('shape (1, 4)', message)
+      self.assertIn('Use a larger batch, or use_running_average=True', message)
+
+  def test_tabulate_with_a_batch_of_one_is_flaxs_table(self):
+    # nn.tabulate runs init: no warning (pytest's filterwarnings=error).
+    tables = {
+      norm: nn.tabulate(
+        _Model(norm), jax.random.key(0), console_kwargs=dict(width=200, no_color=True)
+      )(jnp.ones((1, 3)), train=True)
+      for norm in (nn.BatchNorm, jaxbn.BatchNorm)
+    }
+    self.assertIn('block/bn2', tables[jaxbn.BatchNorm])
+    self.assertEqual(tables[jaxbn.BatchNorm], tables[nn.BatchNorm])
+
+
 class ErrorTest(parameterized.TestCase):
   """Mistakes fail with a message naming the problem; init with one example does not."""
 
@@ -377,25 +487,17 @@ class ErrorTest(parameterized.TestCase):
     ('ctor', dict(use_running_average=False), dict()),
     ('cumulative', dict(momentum=None), dict(use_running_average=False)),
   )
-  def test_init_with_a_single_example_does_not_raise(self, ctor_kw, call_kw):
-    x = jnp.ones((1, 3))  # the usual dummy input of model.init
-    variables = jaxbn.BatchNorm(**ctor_kw).init(jax.random.key(0), x, **call_kw)
+  def test_init_with_a_single_example_is_flaxs(self, ctor_kw, call_kw):
+    x = 1.0 + _data((1, 3), 0)  # the usual dummy input of model.init
+    y, variables = jaxbn.BatchNorm(**ctor_kw).init_with_output(jax.random.key(0), x, **call_kw)
     stats = variables['batch_stats']
     self.assertEqual(int(stats.pop('count', 0)), 0)
     flax_kw = {k: v for k, v in ctor_kw.items() if k != 'momentum'}
-    expected = nn.BatchNorm(**flax_kw).init(jax.random.key(0), x, **call_kw)
-    chex.assert_trees_all_equal(variables, expected)
-    self.assertEqual(_shapes_and_dtypes(variables), _shapes_and_dtypes(expected))
-
-  @parameterized.named_parameters(('dense', (1, 3), -1), ('rank1', (3,), -1))
-  def test_training_on_a_single_dense_example_raises(self, shape, axis):
-    model = jaxbn.BatchNorm(axis=axis)
-    x = jnp.ones(shape)
-    variables = model.init(jax.random.key(0), x, use_running_average=False)
-    with self.assertRaisesRegex(ValueError, r'single value per feature'):
-      model.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
-    # Inference on one example is fine.
-    model.apply(variables, x, use_running_average=True)
+    want_y, want = nn.BatchNorm(**flax_kw).init_with_output(jax.random.key(0), x, **call_kw)
+    chex.assert_trees_all_equal(variables, want)
+    self.assertEqual(_shapes_and_dtypes(variables), _shapes_and_dtypes(want))
+    # Training mode on the batch itself: the bias, 0 (not x normalised by mean 0, var 1).
+    chex.assert_trees_all_equal(y, want_y, jnp.zeros((1, 3)))
 
   def test_axis_out_of_range(self):
     with self.assertRaisesRegex(ValueError, r'axis=2 is out of range.*rank 2'):

@@ -17,6 +17,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import chex
 import jax
@@ -585,12 +586,6 @@ class ErrorTest(parameterized.TestCase):
       rtol=1e-6,
     )
 
-  def test_training_on_a_single_dense_example_raises(self):
-    model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
-    with self.assertRaisesRegex(ValueError, r'single value per feature'):
-      model(jnp.ones((1, 3)))
-    model(jnp.ones((1, 3)), use_running_average=True)  # inference on one example is fine
-
   def test_wrong_number_of_features(self):
     model = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, r'has shape \(3,\).*needs shape \(5,\)'):
@@ -599,6 +594,137 @@ class ErrorTest(parameterized.TestCase):
   def test_axis_out_of_range(self):
     with self.assertRaisesRegex(ValueError, r'axis=2 is out of range.*rank 2'):
       jnnx.BatchNorm(3, axis=2, rngs=nnx.Rngs(0))(jnp.ones((4, 3)))
+
+
+# ---------------------------------------------------------------------------
+# One value per feature (a batch of one): what Flax computes, with a warning.
+
+
+def _single_value_warnings(record):
+  return [str(w.message) for w in record if issubclass(w.category, jaxbn.SingleValueWarning)]
+
+
+class _MLP(nnx.Module):
+  """Linear, BN, Linear, BN for (N, 3) inputs; the BN class is an argument (Flax's or jaxbn's)."""
+
+  def __init__(self, norm, *, rngs):
+    self.linear1 = nnx.Linear(3, 4, rngs=rngs)
+    self.bn1 = _randomize(norm(4, momentum=0.9, rngs=rngs), 1)
+    self.linear2 = nnx.Linear(4, 5, rngs=rngs)
+    self.bn2 = _randomize(norm(5, momentum=0.9, rngs=rngs), 2)
+
+  def __call__(self, x):
+    return self.bn2(self.linear2(self.bn1(self.linear1(x))))
+
+
+_CONSOLE = dict(force_terminal=False, no_color=True, width=200)
+
+
+class SingleValueTest(chex.TestCase):
+  """A batch of one: flax.nnx.BatchNorm's outputs and updates, one warning per layer and trace."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ('dense', (1, 5), 0, True),
+    ('conv', (1, 1, 1, 5), 0, True),
+    ('dense_axis_name_of_1', (1, 5), 1, True),
+    ('conv_axis_name_of_1', (1, 1, 1, 5), 1, True),
+    ('conv_axis_name_of_3', (1, 1, 1, 5), 3, False),
+  )
+  def test_matches_flax(self, shape, devices, warns):
+    # devices > 0: an nnx.vmap of that many shards with axis_name, each a batch of one.
+    x = _data((max(devices, 1), *shape), 0)
+    axis_name = 'batch' if devices else None
+    results, warned = {}, {}
+    for cls in (nnx.BatchNorm, jnnx.BatchNorm):
+      model = _randomize(cls(5, momentum=0.9, axis_name=axis_name, rngs=nnx.Rngs(0)), 2)
+      graphdef, state = nnx.split(model)
+
+      def step(state, x, graphdef=graphdef):
+        model = nnx.merge(graphdef, state)
+        if devices:
+          y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name='batch')(model, x)
+        else:
+          y = model(x[0])
+        return y, nnx.state(model)
+
+      with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        y, state = self.variant(step)(state, x)
+      results[cls] = (y, _values(state))
+      warned[cls] = _single_value_warnings(record)
+    self.assertEqual(warned[nnx.BatchNorm], [])
+    self.assertLen(warned[jnnx.BatchNorm], 1 if warns else 0)
+    got, want = results[jnnx.BatchNorm], results[nnx.BatchNorm]
+    self.assertEqual(jax.tree.map(jnp.shape, got), jax.tree.map(jnp.shape, want))
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-6)
+    if warns:  # the output is the bias alone
+      y, bias = got[0], got[1]['bias']
+      chex.assert_trees_all_close(y, jnp.broadcast_to(bias, y.shape), atol=1e-6)
+
+  def test_warning_names_each_layer_once_per_trace(self):
+    model = _MLP(jnnx.BatchNorm, rngs=nnx.Rngs(0))
+    x = _data((1, 3), 0)
+
+    @nnx.jit
+    def step(model, x):
+      return nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter('always')
+      step(model, x)
+      step(model, x + 1.0)  # the same trace
+      messages = _single_value_warnings(record)
+      model.eval()
+      step(model, x)  # a new trace, in inference mode
+      self.assertEqual(_single_value_warnings(record), messages)
+    self.assertLen(messages, 2)
+    for features, message in zip((4, 5), messages, strict=True):
+      self.assertIn(f'BatchNorm(num_features={features}) in training mode', message)
+      self.assertIn(f'shape (1, {features})', message)
+      self.assertIn('Use a larger batch, or use_running_average=True', message)
+
+  def test_tabulate_with_a_batch_of_one_is_flaxs_table(self):
+    tables = {}
+    for norm in (nnx.BatchNorm, jnnx.BatchNorm):
+      model = _MLP(norm, rngs=nnx.Rngs(0))
+      with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        tables[norm] = nnx.tabulate(model, jnp.ones((1, 3)), console_kwargs=_CONSOLE)
+      # A training-mode call, as Flax's: each layer warns.
+      self.assertLen(_single_value_warnings(record), 0 if norm is nnx.BatchNorm else 2)
+    self.assertIn('bn2', tables[jnnx.BatchNorm])
+    self.assertEqual(tables[jnnx.BatchNorm], tables[nnx.BatchNorm])
+
+  def test_per_example_vmap_matches_flax(self):
+    # Per-example outputs, running statistics and gradients: each example is a
+    # batch of one (shape (3,)), the model broadcast and cloned in each.
+    x = _data((6, 3), 0)
+
+    @nnx.vmap(in_axes=(None, 0))
+    def per_example(model, x):
+      model = nnx.clone(model)
+      loss = lambda m: jnp.sum(m(x) ** 2 + m(x))
+      grads = nnx.grad(loss)(model)
+      return model(x), _values(nnx.state(model, nnx.BatchStat)), _values(grads)
+
+    results = {}
+    for norm in (nnx.BatchNorm, jnnx.BatchNorm):
+      model = _MLP(norm, rngs=nnx.Rngs(0))
+      with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        results[norm] = per_example(model, x)
+      # One warning per call of a layer at trace time: 3 calls of each of the 2 layers.
+      self.assertLen(_single_value_warnings(record), 0 if norm is nnx.BatchNorm else 6)
+    got, want = results[jnnx.BatchNorm], results[nnx.BatchNorm]
+    self.assertEqual(jax.tree.map(jnp.shape, got), jax.tree.map(jnp.shape, want))
+    y, stats, grads = got
+    self.assertEqual(y.shape, (6, 5))
+    chex.assert_trees_all_close((y, stats), want[:2], atol=1e-5, rtol=1e-6)
+    # The gradients of the bias alone: 2 * bias + 1 for bn2's bias, 0 elsewhere
+    # up to the rounding of two cancelling terms (each ~ 1 / sqrt(epsilon)).
+    chex.assert_trees_all_close(grads, want[2], atol=1e-3)
+    chex.assert_trees_all_close(grads['bn2']['bias'], want[2]['bn2']['bias'], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
