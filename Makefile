@@ -11,7 +11,7 @@ CONFIG ?= configs/lenet_bn.py
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test lint data bench gpu-check seeds mutants clean
+.PHONY: train test lint data bench gpu-check seeds mutants peer clean test-lowest package
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,8 +65,56 @@ gpu-check:
 mutants: data $(VENV)/.installed
 	$(PY) tests/mutants.py $(ARGS)
 
+# Flax's own tests that use BatchNorm, run with Flax's layers and with jaxbn's in their place;
+# fails if one passes with Flax only (tools/flax_peer.py). cloudpickle: a test-only need of Flax's.
+peer: data $(VENV)/.installed
+	$(PY) -m pip install --quiet 'cloudpickle>=3.0.0'
+	$(PY) tools/flax_peer.py $(ARGS)
+
 seeds: data $(VENV)/.installed
 	$(PY) experiments/seeds.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache
+	rm -rf $(VENV) workdirs .pytest_cache .ruff_cache build
+
+# The library's tests (tools/library_tests.py) at the lowest versions that pyproject.toml
+# claims (tools/lowest.py: jax, jaxlib, flax, numpy pinned with ==), on the lowest Python
+# it claims, in a venv of their own that holds jaxbn without extras and the test tools;
+# tools/smoke.py first, on the installed copy.
+LOWEST_PYTHON ?= python3.11
+LOWEST_VENV := build/venv-lowest
+# chex is pinned to a release that supports the lowest jax (checked: chex 0.1.92, jax 0.8.1).
+LOWEST_TOOLS := chex==0.1.92 absl-py pytest pytest-xdist hypothesis
+WORKERS ?= 2
+test-lowest:
+	$(PYTHON) tools/library_tests.py --check
+	rm -rf $(LOWEST_VENV)
+	$(LOWEST_PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install --quiet $$($(PYTHON) tools/lowest.py pins) $(LOWEST_TOOLS) .
+	$(LOWEST_VENV)/bin/python -m pip check
+	$(LOWEST_VENV)/bin/python tools/lowest.py verify
+	cd /tmp && $(CURDIR)/$(LOWEST_VENV)/bin/python $(CURDIR)/tools/smoke.py
+	$(LOWEST_VENV)/bin/python -m pytest -n $(WORKERS) -p no:cacheprovider \
+	  $$($(PYTHON) tools/library_tests.py)
+
+# The sdist and the wheel (build/dist, the wheel built from the sdist), `twine check`, then
+# the wheel without extras in a fresh venv and tools/smoke.py run there from /tmp, so
+# that it imports the installed jaxbn and not the working tree.
+DIST := build/dist
+BUILD_VENV := build/venv-build
+PACKAGE_VENV := build/venv-package
+package:
+	rm -rf $(DIST) $(BUILD_VENV) $(PACKAGE_VENV)
+	$(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install --quiet --upgrade pip build twine
+	$(BUILD_VENV)/bin/python -m build --outdir $(DIST) .
+	$(BUILD_VENV)/bin/python -m twine check --strict $(DIST)/*
+	$(BUILD_VENV)/bin/python -c 'import sys, zipfile; \
+	  print("wheel holds:", *sorted({n.split("/")[0] for n in zipfile.ZipFile(sys.argv[1]).namelist()}))' \
+	  $(DIST)/*.whl
+	$(PYTHON) -m venv $(PACKAGE_VENV)
+	$(PACKAGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PACKAGE_VENV)/bin/python -m pip install --quiet $(DIST)/*.whl
+	$(PACKAGE_VENV)/bin/python -m pip check
+	cd /tmp && $(CURDIR)/$(PACKAGE_VENV)/bin/python $(CURDIR)/tools/smoke.py

@@ -27,6 +27,7 @@ LIBRARY_TESTS = (
   'tests/test_combinations.py',
   'tests/test_docs.py',
   'tests/test_extensions.py',
+  'tests/test_flax_peer.py',
   'tests/test_functional.py',
   'tests/test_fuzz.py',
   'tests/test_linen.py',
