@@ -364,6 +364,27 @@ MUTANTS = (
     'before',
     ('tests/test_benchmarks.py::test_separate_processes_put_the_reference_around_each_variant',),
   ),
+  Mutant(
+    'batch_norm: the mask is dropped with the cumulative average (momentum=None)',
+    'jaxbn/_functional.py',
+    '  if mask is not None:\n    mask, _ = split_batch(',
+    '  if momentum is None:\n    mask = None\n  if mask is not None:\n    mask, _ = split_batch(',
+    ('tests/test_combinations.py',),
+  ),
+  Mutant(
+    "batch_norm: the unbiased factor of virtual batches counts the whole batch's values",
+    'jaxbn/_functional.py',
+    'n = value_count(xg, group_axes, mask, axis_name, axis_index_groups)',
+    'n = groups * value_count(xg, group_axes, mask, axis_name, axis_index_groups)',
+    ('tests/test_combinations.py',),
+  ),
+  Mutant(
+    'batch_norm: half-precision inputs get statistics in their own dtype',
+    'jaxbn/_functional.py',
+    'stats_dtype = jnp.result_type(x, jnp.float32) if force_float32_reductions else x.dtype',
+    'stats_dtype = x.dtype',
+    ('tests/test_combinations.py',),
+  ),
 )
 
 
