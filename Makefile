@@ -69,7 +69,7 @@ mutants: data $(VENV)/.installed
 # fails if one passes with Flax only (tools/flax_peer.py). cloudpickle: a test-only need of Flax's.
 peer: data $(VENV)/.installed
 	$(PY) -m pip install --quiet 'cloudpickle>=3.0.0'
-	$(PY) tools/flax_peer.py $(ARGS)
+	$(PY) tools/flax_peer.py --out results/peer $(ARGS)
 
 seeds: data $(VENV)/.installed
 	$(PY) experiments/seeds.py $(ARGS)

@@ -183,3 +183,24 @@ def test_runs_with_each_batchnorm_and_reports_the_outcomes(tmp_path):
     f'{node}linen_batchnorm_is_flaxs0',
     f'{node}linen_batchnorm_is_flaxs1',
   ]
+
+
+def test_counts_and_table_group_tests_by_linen_and_nnx():
+  runs = {
+    'flax': {
+      'tests/linen/a_test.py::t': 'passed',
+      'tests/nnx/b_test.py::t': 'passed',
+      'tests/nnx/b_test.py::u': 'failed',
+      'tests/nnx/c_test.py': 'error',  # a file not collected: no test of its own
+    },
+    'jaxbn': {'tests/linen/a_test.py::t': 'failed', 'tests/nnx/b_test.py::t': 'passed'},
+  }
+  table = flax_peer.counts(runs)
+  assert table == {
+    'linen': {'selected': 1, 'flax': 1, 'jaxbn': 0},
+    'NNX': {'selected': 2, 'flax': 1, 'jaxbn': 1},
+    'total': {'selected': 3, 'flax': 2, 'jaxbn': 1},
+  }
+  md = flax_peer.table_md('0.1', table, 1)
+  assert '| NNX | 2 | 1 | 1 |' in md and '| total | 3 | 2 | 1 |' in md
+  assert md.endswith('Regressions (pass with Flax, not with jaxbn): 1\n')

@@ -236,21 +236,58 @@ def _group(nodeid: str) -> str:
   return 'NNX' if nodeid.startswith('tests/nnx/') else 'linen'
 
 
+def counts(runs: dict[str, dict[str, str]]) -> dict[str, dict[str, int]]:
+  """``{group: {'selected', 'flax', 'jaxbn'}}``: tests selected and passed with each module."""
+  tests = sorted(t for t in runs['flax'] if '::' in t)
+  table = {}
+  for group in ('linen', 'NNX', 'total'):
+    mine = [t for t in tests if group in ('total', _group(t))]
+    passed = {m: sum(runs[m].get(t) == 'passed' for t in mine) for m in ('flax', 'jaxbn')}
+    table[group] = {'selected': len(mine), **passed}
+  return table
+
+
+def table_md(version: str, table: dict[str, dict[str, int]], regressions: int) -> str:
+  """The README's table of `counts`."""
+  lines = [
+    f"| Flax {version}'s tests that use BatchNorm | selected | pass with Flax | pass with jaxbn |",
+    '|---|---|---|---|',
+  ]
+  lines += [f'| {g} | {c["selected"]} | {c["flax"]} | {c["jaxbn"]} |' for g, c in table.items()]
+  return '\n'.join(lines) + f'\n\nRegressions (pass with Flax, not with jaxbn): {regressions}\n'
+
+
+def write_results(out: pathlib.Path, version: str, runs: dict, comparison: Comparison) -> None:
+  """``out``/results.json (counts, regressions, provenance) and ``out``/table.md."""
+  sys.path.insert(0, str(ROOT))
+  from d2l_lenet import provenance  # the checkout's; the library does not record provenance
+
+  table = counts(runs)
+  out.mkdir(parents=True, exist_ok=True)
+  results = {
+    'provenance': provenance.record(),
+    'flax': version,
+    'counts': table,
+    'regressions': comparison.regressions,
+    'excepted': comparison.excepted,
+  }
+  (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
+  (out / 'table.md').write_text(table_md(version, table, len(comparison.regressions)))
+
+
 def report(version: str, root: pathlib.Path, runs: dict[str, dict[str, str]]) -> int:
   """Prints the table and the regressions; returns the exit status."""
-  flax, jaxbn = runs['flax'], runs['jaxbn']
+  flax = runs['flax']
   tests = sorted(t for t in flax if '::' in t)
   print(f"Flax {version}'s tests that use BatchNorm ({root / 'tests'}):")
   print(f'  {"":8}{"selected":>10}{"pass with Flax":>16}{"pass with jaxbn":>17}')
-  for group in ('linen', 'NNX', 'total'):
-    mine = [t for t in tests if group in ('total', _group(t))]
-    flax_passed, jaxbn_passed = (sum(run.get(t) == 'passed' for t in mine) for run in (flax, jaxbn))
-    print(f'  {group:8}{len(mine):>10}{flax_passed:>16}{jaxbn_passed:>17}')
+  for group, c in counts(runs).items():
+    print(f'  {group:8}{c["selected"]:>10}{c["flax"]:>16}{c["jaxbn"]:>17}')
   errors = sorted(t for t in flax if '::' not in t)
   if errors:  # e.g. a test-only requirement of Flax's that is not installed
     print(f'Not collected with Flax, so not compared: {", ".join(errors)}')
     print(f'  (see {root / "pytest-flax.log"})')
-  comparison = compare(flax, jaxbn, EXCEPTIONS)
+  comparison = compare(flax, runs['jaxbn'], EXCEPTIONS)
   print(f'Regressions (pass with Flax, not with jaxbn): {len(comparison.regressions)}')
   for test, outcome in comparison.regressions.items():
     print(f'  {test}: {outcome}')
@@ -274,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--workers', type=int, default=0, help='pytest-xdist workers per run (0: one process)'
   )
+  parser.add_argument(
+    '--out', type=pathlib.Path, help='write results.json (with provenance) and table.md here'
+  )
   args = parser.parse_args(argv)
   version = importlib.metadata.version('flax')
   root = fetch_tests(version, args.cache.resolve())
@@ -283,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     runs[module] = run_tests(root, selection, module, args.workers)
     print(f'ran with {module} in {time.perf_counter() - start:.0f} s', file=sys.stderr)
+  if args.out:
+    write_results(args.out, version, runs, compare(runs['flax'], runs['jaxbn'], EXCEPTIONS))
   return report(version, root, runs)
 
 
