@@ -79,6 +79,7 @@ def test_readme_tables_are_their_results_files():
     'results/separate-avx2/table.md',
     'results/separate-avx2-jaxbn/table.md',
     'results/devices/table.md',
+    'results/peer/table.md',
   }
   for path, block in blocks:
     assert block == (root / path).read_text(), f'README block differs from {path}'
