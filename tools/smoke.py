@@ -40,14 +40,26 @@ APPLICATION = (
   'chex',
   'd2l_lenet',
 )
+# Modules of jaxbn that need an optional dependency (an extra), and that dependency.
+OPTIONAL = {'jaxbn.equinox': 'equinox'}
 STEPS, LEARNING_RATE = 20, 0.1
 
 
 def import_all() -> list[str]:
-  """Imports jaxbn and every module under it; returns their names."""
+  """Imports jaxbn and every module under it; returns their names.
+
+  A module of `OPTIONAL` whose dependency is not installed must say so (a
+  ModuleNotFoundError naming that dependency) and is then left out.
+  """
   names = ['jaxbn']
   for module in pkgutil.walk_packages(jaxbn.__path__, 'jaxbn.'):
-    importlib.import_module(module.name)
+    try:
+      importlib.import_module(module.name)
+    except ModuleNotFoundError as e:
+      if e.name != OPTIONAL.get(module.name):
+        raise
+      print(f'{module.name} left out: {e}')
+      continue
     names.append(module.name)
   return names
 
