@@ -267,6 +267,13 @@ MUTANTS = (
     ('tests/test_settings.py',),
   ),
   Mutant(
+    "equinox: batch mode's variance keeps Equinox's start correction (too large by m^k/(1-m^k))",
+    'jaxbn/equinox.py',
+    'jnp.maximum(var - w, 0) / (1 - w)',
+    'var / (1 - w)',
+    ('tests/test_equinox.py',),
+  ),
+  Mutant(
     'kernels: the band of the banded convolution is shifted by one column',
     'd2l_lenet/kernels.py',
     'np.eye(width, block, -dj, dtype=np.float32)',
