@@ -169,9 +169,9 @@ MUTANTS = (
     ('tests/test_precise.py',),
   ),
   Mutant(
-    "precise: the NNX model's precise statistics are not computed for its train state",
-    'jaxbn/precise.py',
-    '  precise_batch_stats_nnx(nnx_model, images, batch_size)\n',
+    "steps: the NNX model's precise statistics are not computed for its train state",
+    'd2l_lenet/steps.py',
+    '  precise.precise_batch_stats_nnx(nnx_model, images, batch_size)\n',
     '',
     ('tests/test_nnx_lenet.py',),
   ),
