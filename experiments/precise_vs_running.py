@@ -12,10 +12,10 @@ the runs from the results.json that seeds.py wrote there) and precise.png into
 the second.
 """
 
+import argparse
 import json
 import pathlib
 import statistics
-import sys
 
 
 def main(workdirs: pathlib.Path, out: pathlib.Path):
@@ -83,4 +83,10 @@ def main(workdirs: pathlib.Path, out: pathlib.Path):
 
 
 if __name__ == '__main__':
-  main(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument('workdirs', type=pathlib.Path, help="the runs' workdirs (seeds.py's)")
+  parser.add_argument('out', type=pathlib.Path, help='where precise.md and precise.png go')
+  args = parser.parse_args()
+  main(args.workdirs, args.out)
