@@ -11,7 +11,7 @@ CONFIG ?= configs/lenet_bn.py
 ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test lint data bench gpu-check seeds mutants peer clean test-lowest package
+.PHONY: train test lint data bench gpu-check seeds mutants peer clean test-lowest package docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,15 @@ mutants: data $(VENV)/.installed
 peer: data $(VENV)/.installed
 	$(PY) -m pip install --quiet 'cloudpickle>=3.0.0'
 	$(PY) tools/flax_peer.py --out results/peer $(ARGS)
+
+# The documentation site (docs/_build/html): the API reference, the chapter and the how-tos
+# executed on the CPU; any Sphinx warning fails it.
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: data $(VENV)/.installed-docs
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 seeds: data $(VENV)/.installed
 	$(PY) experiments/seeds.py $(ARGS)

@@ -1,4 +1,5 @@
-"""The README's "use it in your own model" example runs and does what it says."""
+"""The README's examples run and do what they say; its figures and the docs' tables are the
+results files'."""
 
 import json
 import pathlib
@@ -9,6 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+DOCS = README.parent / 'docs'
+
+
+def code_cells(page: pathlib.Path) -> list[str]:
+  """The code cells of a MyST notebook page of the docs."""
+  return re.findall(r'```\{code-cell\} ipython3\n(.*?)```', page.read_text(), re.S)
 
 
 def test_readme_model_example_trains_and_predicts():
@@ -44,9 +51,8 @@ def test_readme_folding_example_gives_the_model_outputs():
   np.testing.assert_allclose(namespace['logits'], want, rtol=1e-5, atol=1e-5)
 
 
-def test_readme_nnx_example_trains_and_evaluates():
-  blocks = re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
-  (example,) = [b for b in blocks if 'jnnx.BatchNorm' in b]
+def test_docs_nnx_example_trains_and_evaluates():
+  (example,) = [b for b in code_cells(DOCS / 'howto' / 'nnx.md') if 'jnnx.BatchNorm' in b]
   namespace = {}
   exec(example, namespace)
   losses = namespace['losses']
@@ -61,15 +67,16 @@ def test_readme_nnx_example_trains_and_evaluates():
   assert type(namespace['folded'].bn).__name__ == 'FoldedBatchNorm'
 
 
-def test_readme_tables_are_their_results_files():
-  """Each block marked <!-- results/FILE --> ... <!-- end --> is FILE, to the character.
+def test_docs_tables_are_their_results_files():
+  """The results page includes each results table (MyST {include}), with its provenance.
 
-  The files are written by the commands the README cites, each with its
+  The files are written by the commands the pages cite, each with its
   command, commit and CPU in the results JSON beside it.
   """
   root = README.parent
-  blocks = re.findall(r'<!-- (results/\S+) -->\n(.*?)<!-- end -->', README.read_text(), re.S)
-  assert {path for path, _ in blocks} == {
+  page = (DOCS / 'results.md').read_text()
+  included = re.findall(r'```\{include\} \.\./(results/\S+)\n```', page)
+  assert set(included) == {
     'results/seeds/table.md',
     'results/precise/precise.md',
     'results/claims/learning_rate.md',
@@ -81,10 +88,24 @@ def test_readme_tables_are_their_results_files():
     'results/devices/table.md',
     'results/peer/table.md',
   }
-  for path, block in blocks:
-    assert block == (root / path).read_text(), f'README block differs from {path}'
+  for path in included:
+    assert (root / path).is_file(), path
     provenance = json.loads((root / path).with_name('results.json').read_text())
     records = provenance.values() if 'provenance' not in provenance else [provenance]
     for record in records:
       assert re.fullmatch(r'[0-9a-f]{40}(\+dirty)?', record['provenance']['commit'])
       assert record['provenance']['cpu']['model_name']
+
+
+def test_readme_headline_figures_are_in_their_results_files():
+  """Each item of the README's Results section names a results file holding its numbers."""
+  root = README.parent
+  section = re.search(r'\n## Results\n(.*?)\n## ', README.read_text(), re.S).group(1)
+  items = re.findall(r'^- (.*?)(?=^- |\Z)', section, re.S | re.M)
+  assert len(items) >= 3
+  for item in items:
+    paths = re.findall(r'`(results/\S+\.md)`', item)
+    assert paths, item
+    text = ' '.join((root / p).read_text() for p in paths)
+    for number in re.findall(r'\d+\.\d+', item):
+      assert number in text, f'{number} of the README is not in {paths}'
