@@ -83,12 +83,15 @@ class LeNet(nn.Module):
     dtype: the layers' computation dtype, e.g. ``jnp.bfloat16`` (None: that of
       the inputs and parameters). Parameters, BN statistics and the logits stay
       in at least float32.
+    dropout_rate: dropout after fc1's and fc2's sigmoids in training (D2L's
+      place for it; it needs the ``'dropout'`` rng stream when not 0).
   """
 
   norm: ModuleDef | None = functools.partial(BatchNorm, momentum=0.9, epsilon=1e-5)
   conv_impl: str = 'auto'
   num_classes: int = 10
   dtype: Any = None
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -116,8 +119,9 @@ class LeNet(nn.Module):
     x = pool(nn.sigmoid(bn(conv(6, name='conv1')(x), 'bn1')))
     x = pool(nn.sigmoid(bn(conv(16, name='conv2')(x), 'bn2')))
     x = x.reshape(x.shape[0], -1)
-    x = nn.sigmoid(bn(dense(120, name='fc1')(x), 'bn3'))
-    x = nn.sigmoid(bn(dense(84, name='fc2')(x), 'bn4'))
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+    x = dropout(nn.sigmoid(bn(dense(120, name='fc1')(x), 'bn3')))
+    x = dropout(nn.sigmoid(bn(dense(84, name='fc2')(x), 'bn4')))
     logits = dense(self.num_classes, name='fc3')(x)
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
