@@ -1,0 +1,147 @@
+r"""Smoothness of the loss along the gradient, as Santurkar et al.'s Figure 4, with and without BN.
+
+  python experiments/smoothness.py            # into results/why/smoothness
+  python experiments/smoothness.py --quick    # a tiny run (the test suite's)
+
+LeNet with and without BN trains by SGD at lr 1.0 and 0.1. Every
+--probe-every steps, on the next batch (in training mode, so BN uses that
+batch's statistics), `d2l_lenet.measures.gradient_landscape` walks from the
+weights w along the gradient g to w - eta * g for eta = lr times each of
+--factors and records:
+
+* the loss range: max minus min of the loss over those points and w itself
+  (their "variation of the loss", Fig. 4a);
+* the gradient predictiveness: the largest l2 change of the gradient,
+  ||g(w - eta g) - g(w)|| (Fig. 4b);
+* the effective beta-smoothness: the largest such change per unit distance
+  moved, ||g(w - eta g) - g(w)|| / ||eta g|| (Fig. 4c).
+
+Smaller is smoother: the step that SGD takes lands where the gradient said it
+would. Writes results.json (every probe of every seed, with the commit and
+CPU), table.md and smoothness.png into --out.
+"""
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax.numpy as jnp  # noqa: E402
+
+from d2l_lenet import measures, models, study  # noqa: E402
+
+MODELS = {'BN': models.LeNet(), 'no BN': models.LeNet(norm=None)}
+LEARNING_RATES = (1.0, 0.1)
+FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MEASURES = {
+  'loss_range': 'loss range',
+  'gradient_predictiveness': 'gradient predictiveness',
+  'beta_smoothness': 'effective beta-smoothness',
+}
+
+
+def landscape_probe(loss_fn, params, learning_rate, factors):
+  """`measures.gradient_landscape` at step sizes ``learning_rate * factors``."""
+  return measures.gradient_landscape(loss_fn, params, learning_rate * jnp.asarray(factors))
+
+
+def table(runs: dict) -> list[str]:
+  lines = [
+    '| run | ' + ' | '.join(MEASURES.values()) + ' | test acc (seeds) |',
+    '|---' * (len(MEASURES) + 2) + '|',
+  ]
+  for name, seeds in runs.items():
+    probes = [p for r in seeds for p in r['probes']]
+    cells = [
+      f'{study.median(p[key] for p in probes):.3g} (max {max(p[key] for p in probes):.3g})'
+      for key in MEASURES
+    ]
+    acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
+    lines.append(
+      f'| {name} | {" | ".join(cells)} | {study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
+    )
+  return lines
+
+
+def plot(runs: dict, out: pathlib.Path) -> None:
+  fig, axes = study.figure(1, 3)
+  for name, seeds in runs.items():
+    model, lr = name.split(', lr ')
+    color = 'C0' if model == 'BN' else 'C3'
+    style = '-' if float(lr) == 1.0 else '--'
+    steps = [p['step'] for p in seeds[0]['probes']]
+    for ax, key in zip(axes[0], MEASURES, strict=True):
+      per_step = [
+        [r['probes'][k][key] for r in seeds if k < len(r['probes'])] for k in range(len(steps))
+      ]
+      ax.plot(steps, [study.median(v) for v in per_step], style, color=color, lw=1.2, label=name)
+      ax.fill_between(
+        steps, [min(v) for v in per_step], [max(v) for v in per_step], color=color, alpha=0.15, lw=0
+      )
+  for ax, title in zip(axes[0], MEASURES.values(), strict=True):
+    ax.set_title(title, fontsize=9)
+    ax.set_yscale('log')
+    ax.set_xlabel('step')
+    ax.grid(True, alpha=0.3)
+  axes[0, 0].legend(fontsize=7)
+  study.save_figure(fig, out / 'smoothness.png')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument('--epochs', type=int, default=3)
+  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  parser.add_argument('--probe-every', type=int, default=47, help='steps between probes')
+  parser.add_argument(
+    '--factors', type=float, nargs='+', default=list(FACTORS), help='step sizes, in units of lr'
+  )
+  parser.add_argument(
+    '--quick', action='store_true', help='lr 1.0 only, 1 epoch of 2048 examples, seed 0'
+  )
+  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/smoothness')
+  args = parser.parse_args(argv)
+  started = time.perf_counter()
+  if min(args.factors) <= 0:
+    parser.error(f'--factors must be positive step sizes; got {args.factors}.')
+  num_train, num_test = (2048, 1000) if args.quick else (0, 0)
+  if args.quick:
+    args.epochs, args.seeds, args.probe_every = 1, [0], 4
+  data = study.Data.load(num_train, num_test)
+  probe = functools.partial(landscape_probe, factors=tuple(args.factors))
+  runs = {}
+  for lr in LEARNING_RATES[:1] if args.quick else LEARNING_RATES:
+    for model_name, model in MODELS.items():
+      name = f'{model_name}, lr {lr}'
+      runs[name] = []
+      for seed in args.seeds:
+        print(f'{name}, seed {seed}', flush=True)
+        runs[name].append(
+          study.train(
+            model,
+            data,
+            learning_rate=lr,
+            epochs=args.epochs,
+            seed=seed,
+            probe=probe,
+            probe_every=args.probe_every,
+          )
+        )
+  note = (
+    f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
+    f'{args.probe_every} steps at step sizes {args.factors} x lr; cells: the median (and the '
+    'largest) over probes and seeds, and the final test accuracy (median, range over seeds)'
+  )
+  settings = {k: v for k, v in vars(args).items() if k != 'out'}
+  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, started)
+  plot(runs, args.out)
+  print(text)
+
+
+if __name__ == '__main__':
+  main()
