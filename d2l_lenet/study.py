@@ -94,6 +94,7 @@ def _chunk(model, probe, state, lr, images, labels, indices, rngs):
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels[idx])
     return (params, batch_stats, opt_state), (loss, accuracy)
 
+  rngs = jax.random.wrap_key_data(rngs)
   (params, batch_stats, opt_state), (losses, accuracies) = jax.lax.scan(
     step, (params, batch_stats, opt_state), (indices[:-1], rngs[:-1])
   )
@@ -162,14 +163,14 @@ def train(
   n = data.train_images.shape[0]
   steps_per_epoch = n // batch_size
   chunk = probe_every if probe and probe_every else steps_per_epoch
-  key = jax.random.key(seed)
   records, probes, step, diverged = [], [], 0, False
   train_eval = slice(0, min(train_eval_examples, n))
   for epoch in range(epochs):
-    epoch_key = jax.random.fold_in(key, epoch)
-    order = jax.random.permutation(epoch_key, n)[: steps_per_epoch * batch_size]
+    order_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
+    order = jax.random.permutation(order_key, n)[: steps_per_epoch * batch_size]
     order = order.reshape(steps_per_epoch, batch_size)
-    rngs = jax.random.split(jax.random.fold_in(epoch_key, 1), steps_per_epoch + 1)
+    # Raw key data: each step's key (and the probe's, the last) is sliced from it per chunk.
+    rngs = jax.random.key_data(jax.random.split(step_key, steps_per_epoch + 1))
     losses, accuracies = [], []
     for start in range(0, steps_per_epoch, chunk):
       stop = min(start + chunk, steps_per_epoch)
@@ -220,17 +221,25 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def begin() -> dict[str, Any]:
+  """The provenance of the command starting now (`d2l_lenet.provenance.record`), for `save`.
+
+  Taken at the start, so that the commit named is the code that ran.
+  """
+  return {**provenance.record(), 'started': time.perf_counter()}
+
+
 def save(
-  out: pathlib.Path, results: dict[str, Any], table: list[str], note: str, started: float
+  out: pathlib.Path, results: dict[str, Any], table: list[str], note: str, record: dict[str, Any]
 ) -> str:
   """Writes ``out``/results.json (``results`` and the provenance) and ``out``/table.md.
 
-  The table's first line names the commit and CPU, then ``note`` (seeds,
-  epochs, what a cell holds); ``started`` is the ``time.perf_counter()`` at
-  the command's start, for its wall time. Returns the table's text.
+  ``record`` is `begin`'s, to which the wall time is added. The table's first
+  line names the commit and CPU, then ``note`` (seeds, epochs, what a cell
+  holds). Returns the table's text.
   """
-  record = provenance.record()
-  record['wall_seconds'] = round(time.perf_counter() - started, 1)
+  record = dict(record)
+  record['wall_seconds'] = round(time.perf_counter() - record.pop('started'), 1)
   text = '\n'.join(
     [
       f'Measured at commit {(record["commit"] or "unknown")[:12]} on {record["cpu_description"]}; '

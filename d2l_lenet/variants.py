@@ -75,7 +75,7 @@ class NoisyBatchNorm(nn.Module):
     if self.use_running_average:
       return z
     shift_key, scale_key = jax.random.split(self.make_rng('noise'))
-    shape = (x.shape[-1],)
+    shape = (1,) * (x.ndim - 1) + x.shape[-1:]  # per channel, the same for every example
     shift = jax.random.uniform(shift_key, shape, minval=-self.max_shift, maxval=self.max_shift)
     scale = jax.random.uniform(scale_key, shape, minval=1.0, maxval=self.max_scale)
     return (scale * z + shift).astype(z.dtype)

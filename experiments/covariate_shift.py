@@ -23,7 +23,6 @@ CPU), table.md and covariate_shift.png into --out.
 import argparse
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,7 +120,7 @@ def main(argv=None):
   )
   parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/covariate_shift')
   args = parser.parse_args(argv)
-  started = time.perf_counter()
+  record = study.begin()
   num_train, num_test = (2048, 1000) if args.quick else (0, 0)
   if args.quick:
     args.epochs, args.seeds, args.probe_every = 1, [0], 4
@@ -155,7 +154,7 @@ def main(argv=None):
     {'settings': settings, 'layers': LAYER_NAMES, 'runs': runs},
     table(runs),
     note,
-    started,
+    record,
   )
   plot(runs, args.out)
   print(text)

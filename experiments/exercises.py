@@ -23,7 +23,6 @@ exercises.png (test accuracy by epoch) into --out.
 import argparse
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,7 +103,7 @@ def main(argv=None):
   )
   parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/exercises')
   args = parser.parse_args(argv)
-  started = time.perf_counter()
+  record = study.begin()
   num_train, num_test = (2048, 1000) if args.quick else (0, 0)
   if args.quick:
     args.epochs, args.seeds, args.variants = 1, [0], list(QUICK)
@@ -125,7 +124,7 @@ def main(argv=None):
     '(running averages; train acc on the first 10,000 training examples)'
   )
   settings = {k: v for k, v in vars(args).items() if k != 'out'}
-  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, started)
+  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, record)
   plot(runs, args.out)
   print(text)
 

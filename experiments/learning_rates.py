@@ -23,7 +23,6 @@ epoch against the learning rate) into --out.
 import argparse
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -101,7 +100,7 @@ def main(argv=None):
   )
   parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/learning_rates')
   args = parser.parse_args(argv)
-  started = time.perf_counter()
+  record = study.begin()
   if min(args.lrs) <= 0:
     parser.error(f'--lrs must be positive; got {args.lrs}.')
   num_train, num_test = (2048, 1000) if args.quick else (0, 0)
@@ -130,7 +129,7 @@ def main(argv=None):
     {'settings': settings, 'outcomes': outcomes, 'runs': runs},
     table(runs, args.lrs),
     note,
-    started,
+    record,
   )
   plot(runs, args.lrs, args.out)
   print(text)

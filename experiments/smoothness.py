@@ -25,7 +25,6 @@ import argparse
 import functools
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,7 +105,7 @@ def main(argv=None):
   )
   parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/smoothness')
   args = parser.parse_args(argv)
-  started = time.perf_counter()
+  record = study.begin()
   if min(args.factors) <= 0:
     parser.error(f'--factors must be positive step sizes; got {args.factors}.')
   num_train, num_test = (2048, 1000) if args.quick else (0, 0)
@@ -138,7 +137,7 @@ def main(argv=None):
     'largest) over probes and seeds, and the final test accuracy (median, range over seeds)'
   )
   settings = {k: v for k, v in vars(args).items() if k != 'out'}
-  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, started)
+  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, record)
   plot(runs, args.out)
   print(text)
 
