@@ -392,6 +392,34 @@ MUTANTS = (
     'stats_dtype = x.dtype',
     ('tests/test_combinations.py',),
   ),
+  Mutant(
+    'measures: the covariate shift moves the layer itself, not only the layers below',
+    'd2l_lenet/measures.py',
+    'new_params[key] if key in below else value',
+    'new_params[key] if key in below or key in group else value',
+    ('tests/test_measures.py',),
+  ),
+  Mutant(
+    'measures: beta-smoothness per unit of step size, not of distance moved',
+    'd2l_lenet/measures.py',
+    'jnp.max(changes / (step_sizes * grad_norm))',
+    'jnp.max(changes / step_sizes)',
+    ('tests/test_measures.py',),
+  ),
+  Mutant(
+    'measures: the loss range leaves out the loss at w',
+    'd2l_lenet/measures.py',
+    'all_losses = jnp.concatenate([loss0[None], losses])',
+    'all_losses = losses',
+    ('tests/test_measures.py',),
+  ),
+  Mutant(
+    'variants: noisy BN adds its noise in inference too',
+    'd2l_lenet/variants.py',
+    '    if self.use_running_average:\n      return z\n',
+    '',
+    ('tests/test_measures.py',),
+  ),
 )
 
 
