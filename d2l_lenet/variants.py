@@ -59,7 +59,8 @@ class NoisyBatchNorm(nn.Module):
   every call in training mode. The next layer's inputs thus have a mean
   that is not zero and a variance that is not one, and both move from step to
   step: the "covariate shift" that BN is said to remove, put back after it.
-  Inference (running averages) adds no noise.
+  Inference (running averages) applies the map's expectation, ``E[s] z + E[m]
+  = (1 + max_scale) / 2 * z``.
   """
 
   use_running_average: bool = False
@@ -73,7 +74,8 @@ class NoisyBatchNorm(nn.Module):
       x, mask=mask
     )
     if self.use_running_average:
-      return z
+      # The map's expectation, E[s] z + E[m], as dropout scales by its keep rate.
+      return (z * ((1.0 + self.max_scale) / 2)).astype(z.dtype)
     shift_key, scale_key = jax.random.split(self.make_rng('noise'))
     shape = (1,) * (x.ndim - 1) + x.shape[-1:]  # per channel, the same for every example
     shift = jax.random.uniform(shift_key, shape, minval=-self.max_shift, maxval=self.max_shift)

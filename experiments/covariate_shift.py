@@ -53,8 +53,8 @@ def run_name(model: str, lr: float) -> str:
 
 def table(runs: dict) -> list[str]:
   lines = [
-    "| run | \\|G - G'\\|, layers 2-5 | that / \\|G\\| | cos(G, G') | test acc (seeds) |",
-    '|---|---|---|---|---|',
+    "| run | \\|G - G'\\|, layers 2-5 | that / \\|G\\| | cos(G, G') | training loss | test acc |",
+    '|---|---|---|---|---|---|',
   ]
   for name, seeds in runs.items():
     probes = [p for r in seeds for p in r['probes']]
@@ -62,9 +62,11 @@ def table(runs: dict) -> list[str]:
       ' / '.join(f'{study.median(p[key][i] for p in probes):.3f}' for i in range(1, 5))
       for key in ('l2', 'relative_l2', 'cosine')
     ]
+    loss = study.median(r['epochs'][-1]['train_loss'] for r in seeds)
     acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
     lines.append(
-      f'| {name} | {" | ".join(cells)} | {study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
+      f'| {name} | {" | ".join(cells)} | {loss:.3f} | '
+      f'{study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
     )
   return lines
 
@@ -146,7 +148,8 @@ def main(argv=None):
   note = (
     f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
     f'{args.probe_every} steps; cells: the median over probes and seeds for layers 2 to 5 '
-    '(layer 1 has nothing below it), and the final test accuracy (median, range over seeds)'
+    '(layer 1 has nothing below it); the training loss of the last epoch (training mode, with the '
+    'noise; median over seeds) and the final test accuracy (median, range over seeds)'
   )
   settings = {k: v for k, v in vars(args).items() if k != 'out'}
   text = study.save(

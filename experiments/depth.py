@@ -17,13 +17,14 @@ Dense He-normal) in four variants,
 at each of --depths, trained on Fashion-MNIST with plain SGD (batch 256,
 --epochs epochs) at each of --lrs and --seeds, in this process
 (`d2l_lenet.study.train`: one compilation per depth and variant serves every
-learning rate). A run stops when its loss becomes non-finite (diverged). After each epoch the test set is evaluated with
-the running averages. A cell of the table is, for one depth and variant, the
-median over seeds of the final test accuracy (a diverged run counts 0) at the
-learning rate where that median is highest; every run is kept in
-results.json. For each depth and variant the activation std and the gradient
-norm of each block's kernel at initialisation (seed 0, training mode, the
-first 256 training images) are recorded too (`d2l_lenet.deep.init_scales`).
+learning rate). A run stops when its loss becomes non-finite (diverged).
+After each epoch the test set is evaluated with the running averages. A cell
+of the table is, for one depth and variant, the median over seeds of the
+final test accuracy (a diverged run counts 0) at the learning rate where that
+median is highest; every run is kept in results.json. For each depth and
+variant the activation std and the gradient norm of each block's kernel at
+initialisation (seed 0, training mode, the first 256 training images) are
+recorded too (`d2l_lenet.deep.init_scales`).
 
 Writes into --out: results.json (the commit and CPU, settings, every
 run's per-epoch records, the summary, the scales), table.md (variants by

@@ -93,7 +93,7 @@ def main(argv=None):
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument('--lrs', type=float, nargs='+', default=list(LEARNING_RATES))
-  parser.add_argument('--epochs', type=int, default=4)
+  parser.add_argument('--epochs', type=int, default=3)
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument(
     '--quick', action='store_true', help='lrs 0.1 and 10, 1 epoch of 2048 examples'
