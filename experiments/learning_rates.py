@@ -5,7 +5,7 @@ r"""A learning-rate sweep, LeNet with and without BN: where each stalls and wher
 
 The chapter: BN allows a "much higher" learning rate and accelerates
 convergence. LeNet with BN (`jaxbn.BatchNorm`, D2L's momentum and epsilon) and
-without trains by SGD, batch 256, at each of --lrs (log-spaced, 0.01 to 10)
+without trains by SGD, batch 256, at each of --lrs (log-spaced, 0.01 to 100)
 for --epochs, with several seeds. Each run is called
 
 * diverged: a training loss was not finite (the run stops there);
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from d2l_lenet import models, study  # noqa: E402
 
 MODELS = {'BN': models.LeNet(), 'no BN': models.LeNet(norm=None)}
-LEARNING_RATES = tuple(float(f'{x:.3g}') for x in np.logspace(-2, 1, 7))
+LEARNING_RATES = tuple(float(f'{x:.3g}') for x in np.logspace(-2, 2, 9))
 STALLED_LOSS = 2.0
 UNSTABLE_LOSS = 2.5
 OUTCOMES = ('diverged', 'unstable', 'stalled', 'trained')
@@ -46,22 +46,35 @@ def outcome(run: dict) -> str:
   return 'unstable' if loss > UNSTABLE_LOSS else 'stalled' if loss > STALLED_LOSS else 'trained'
 
 
-def cell(seeds: list[dict]) -> str:
-  outcomes = [outcome(r) for r in seeds]
-  if all(o == 'diverged' for o in outcomes):
+def reached(run: dict, epoch: int) -> bool:
+  """Whether ``run`` finished epoch ``epoch`` (an index; -1: the last) without diverging."""
+  last = len(run['epochs']) - 1
+  index = last if epoch == -1 else epoch
+  return index < last or (index == last and not run['diverged'])
+
+
+def cell(seeds: list[dict], epoch: int) -> str:
+  """The median test accuracy after ``epoch`` (-1: the last) and, then, how many seeds failed."""
+  alive = [r for r in seeds if reached(r, epoch)]
+  if not alive:
     return 'diverged'
-  acc = study.median(r['epochs'][-1]['test_accuracy'] for r in seeds if not r['diverged'])
-  others = [o for o in OUTCOMES[:-1] if o in outcomes]
-  note = ', '.join(f'{outcomes.count(o)}/{len(seeds)} {o}' for o in others)
-  return f'{acc:.3f}' + (f' ({note})' if note else '')
+  acc = f'{study.median(r["epochs"][epoch]["test_accuracy"] for r in alive):.3f}'
+  if epoch != -1:
+    return acc
+  outcomes = [outcome(r) for r in seeds]
+  note = ', '.join(f'{outcomes.count(o)}/{len(seeds)} {o}' for o in OUTCOMES[:-1] if o in outcomes)
+  return acc + (f' ({note})' if note else '')
 
 
-def table(runs: dict, lrs) -> list[str]:
-  lines = ['| | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |', '|---' * (len(lrs) + 1) + '|']
+def table(runs: dict, lrs, epochs: int) -> list[str]:
+  lines = [
+    '| LeNet | ' + ' | '.join(f'lr {lr:g}' for lr in lrs) + ' |',
+    '|---' * (len(lrs) + 1) + '|',
+  ]
   for model in MODELS:
-    lines.append(
-      f'| LeNet, {model} | ' + ' | '.join(cell(runs[model][str(lr)]) for lr in lrs) + ' |'
-    )
+    for epoch, label in ((0, 'after epoch 1'), (-1, f'after epoch {epochs}')):
+      cells = ' | '.join(cell(runs[model][str(lr)], epoch) for lr in lrs)
+      lines.append(f'| {model}, {label} | {cells} |')
   return lines
 
 
@@ -75,7 +88,7 @@ def plot(runs: dict, lrs, out: pathlib.Path) -> None:
       med = []
       for lr in lrs:
         seeds = runs[model][str(lr)]
-        acc = [r['epochs'][which]['test_accuracy'] if not r['diverged'] else 0.0 for r in seeds]
+        acc = [r['epochs'][which]['test_accuracy'] if reached(r, which) else 0.0 for r in seeds]
         ax.scatter([lr] * len(acc), acc, color=color, s=8, alpha=0.5)
         med.append(float(np.median(acc)))
       ax.plot(lrs, med, color=color, marker='o', ms=3, label=f'LeNet, {model}')
@@ -118,16 +131,17 @@ def main(argv=None):
         )
         runs[model_name][str(lr)].append(run)
   note = (
-    f'SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}; cells: the final test accuracy '
-    "(median over the seeds that did not diverge), with how many seeds stalled (last epoch's "
-    f'training loss > {STALLED_LOSS}), were unstable (> {UNSTABLE_LOSS}) or diverged'
+    f'SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}; cells: the test accuracy after '
+    'the first and the last epoch (median over the seeds that did not diverge), and after the '
+    "last, how many seeds stalled (last epoch's training loss > "
+    f'{STALLED_LOSS}), were unstable (> {UNSTABLE_LOSS}) or diverged'
   )
   settings = {k: v for k, v in vars(args).items() if k != 'out'}
   outcomes = {m: {lr: [outcome(r) for r in rs] for lr, rs in v.items()} for m, v in runs.items()}
   text = study.save(
     args.out,
     {'settings': settings, 'outcomes': outcomes, 'runs': runs},
-    table(runs, args.lrs),
+    table(runs, args.lrs, args.epochs),
     note,
     record,
   )

@@ -48,20 +48,24 @@ def landscape_probe(loss_fn, params, learning_rate, factors):
   return measures.gradient_landscape(loss_fn, params, learning_rate * jnp.asarray(factors))
 
 
-def table(runs: dict) -> list[str]:
+def table(runs: dict, steps_per_epoch: int) -> list[str]:
   lines = [
-    '| run | ' + ' | '.join(MEASURES.values()) + ' | test acc (seeds) |',
-    '|---' * (len(MEASURES) + 2) + '|',
+    '| run | ' + ' | '.join(MEASURES.values()) + ' | training loss | test acc (seeds) |',
+    '|---' * (len(MEASURES) + 3) + '|',
   ]
   for name, seeds in runs.items():
     probes = [p for r in seeds for p in r['probes']]
+    last_step = max(p['step'] for p in probes)
+    last = [p for p in probes if p['step'] > last_step - steps_per_epoch]
     cells = [
-      f'{study.median(p[key] for p in probes):.3g} (max {max(p[key] for p in probes):.3g})'
+      f'{study.median(p[key] for p in probes):.3g} / {study.median(p[key] for p in last):.3g}'
       for key in MEASURES
     ]
+    loss = study.median(r['epochs'][-1]['train_loss'] for r in seeds)
     acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
     lines.append(
-      f'| {name} | {" | ".join(cells)} | {study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
+      f'| {name} | {" | ".join(cells)} | {loss:.3f} | '
+      f'{study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
     )
   return lines
 
@@ -133,11 +137,18 @@ def main(argv=None):
         )
   note = (
     f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
-    f'{args.probe_every} steps at step sizes {args.factors} x lr; cells: the median (and the '
-    'largest) over probes and seeds, and the final test accuracy (median, range over seeds)'
+    f'{args.probe_every} steps at step sizes {args.factors} x lr; cells: the median over the '
+    'probes of all seeds, over all of training / over the last epoch; the training loss of the '
+    'last epoch (median) and the final test accuracy (median, range over seeds)'
   )
   settings = {k: v for k, v in vars(args).items() if k != 'out'}
-  text = study.save(args.out, {'settings': settings, 'runs': runs}, table(runs), note, record)
+  text = study.save(
+    args.out,
+    {'settings': settings, 'runs': runs},
+    table(runs, data.train_images.shape[0] // 256),
+    note,
+    record,
+  )
   plot(runs, args.out)
   print(text)
 

@@ -109,3 +109,38 @@ def test_readme_headline_figures_are_in_their_results_files():
     text = ' '.join((root / p).read_text() for p in paths)
     for number in re.findall(r'\d+\.\d+', item):
       assert number in text, f'{number} of the README is not in {paths}'
+
+
+WHY = {
+  'covariate_shift': 'covariate_shift.png',
+  'smoothness': 'smoothness.png',
+  'depth': 'depth.png',
+  'learning_rates': 'learning_rates.png',
+  'exercises': 'exercises.png',
+}
+
+
+def test_why_page_shows_each_experiment_with_the_numbers_of_its_table():
+  """docs/why.md: each experiment's table and figure; its verdict's numbers are in its table."""
+  root = README.parent
+  page = (DOCS / 'why.md').read_text()
+  sections = re.split(r'\n## ', page)[1:]
+  shown = {}
+  for section in sections:
+    include = re.search(r'```\{include\} \.\./results/why/(\w+)/table\.md\n```', section)
+    if not include:
+      continue
+    name = include.group(1)
+    figure = re.search(r'\]\(\.\./results/why/(\w+)/(\S+\.png)\)', section)
+    assert figure and figure.groups() == (name, WHY[name]), name
+    assert (root / 'results/why' / name / WHY[name]).is_file(), name
+    table = (root / 'results/why' / name / 'table.md').read_text()
+    results = json.loads((root / 'results/why' / name / 'results.json').read_text())
+    assert re.fullmatch(r'[0-9a-f]{40}', results['provenance']['commit']), name
+    assert table.startswith(f'Measured at commit {results["provenance"]["commit"][:12]} on ')
+    verdict = section[include.end() :]
+    assert '**Verdict' in verdict, name
+    for number in re.findall(r'\d+\.\d+', verdict):
+      assert number in table, f'{number} in the verdict on {name} is not in its table'
+    shown[name] = True
+  assert set(shown) == set(WHY)
