@@ -14,6 +14,7 @@ rng streams ``'dropout'`` and ``'noise'`` in training mode.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -208,6 +209,64 @@ def train(
     if diverged:
       break
   return {'epochs': records, 'probes': probes, 'diverged': diverged}
+
+
+QUICK_EXAMPLES = (2048, 1000)  # training and test examples of an experiment's --quick run
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer of at least 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be at least 1, not {value}')
+  return value
+
+
+def arguments(
+  doc: str, name: str, *, epochs: int, seeds: list[int], quick: str
+) -> argparse.ArgumentParser:
+  """The options of every experiment: --epochs, --seeds, --quick (which runs ``quick``
+  describes, on `QUICK_EXAMPLES`) and --out (default results/why/``name``)."""
+  parser = argparse.ArgumentParser(
+    description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument('--epochs', type=positive_int, default=epochs)
+  parser.add_argument('--seeds', type=int, nargs='+', default=seeds)
+  parser.add_argument(
+    '--quick',
+    action='store_true',
+    help=f'{quick}, on {QUICK_EXAMPLES[0]} training and {QUICK_EXAMPLES[1]} test examples',
+  )
+  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why' / name)
+  return parser
+
+
+def train_each(
+  models: dict[str, nn.Module], learning_rates, seeds, data: Data, **options: Any
+) -> dict[str, list[dict[str, Any]]]:
+  """`train` for each learning rate, model and seed, in that order.
+
+  Returns ``{'<model name>, lr <lr>': [the run of each seed]}``; ``options``
+  go to `train` (``epochs``, ``probe``, ...).
+  """
+  runs = {}
+  for lr in learning_rates:
+    for name, model in models.items():
+      key = f'{name}, lr {lr}'
+      runs[key] = []
+      for seed in seeds:
+        print(f'{key}, seed {seed}', flush=True)
+        runs[key].append(train(model, data, learning_rate=lr, seed=seed, **options))
+  return runs
+
+
+def final_cells(seeds: list[dict[str, Any]]) -> str:
+  """Two table cells for the seeds of one run: the last epoch's training loss (median) and
+  test accuracy (median, and range)."""
+  loss = median(r['epochs'][-1]['train_loss'] for r in seeds)
+  acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
+  return f'{loss:.3f} | {median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f})'
 
 
 def _json_safe(value: Any) -> Any:

@@ -20,7 +20,6 @@ Writes results.json (every probe and epoch of every seed, with the commit and
 CPU), table.md and covariate_shift.png into --out.
 """
 
-import argparse
 import pathlib
 import sys
 
@@ -47,10 +46,6 @@ def shift_probe(loss_fn, params, learning_rate):
   return measures.covariate_shift(loss_fn, params, new_params, variants.present(params))
 
 
-def run_name(model: str, lr: float) -> str:
-  return f'{model}, lr {lr}'
-
-
 def table(runs: dict) -> list[str]:
   lines = [
     "| run | \\|G - G'\\|, layers 2-5 | that / \\|G\\| | cos(G, G') | training loss | test acc |",
@@ -62,12 +57,7 @@ def table(runs: dict) -> list[str]:
       ' / '.join(f'{study.median(p[key][i] for p in probes):.3f}' for i in range(1, 5))
       for key in ('l2', 'relative_l2', 'cosine')
     ]
-    loss = study.median(r['epochs'][-1]['train_loss'] for r in seeds)
-    acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
-    lines.append(
-      f'| {name} | {" | ".join(cells)} | {loss:.3f} | '
-      f'{study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
-    )
+    lines.append(f'| {name} | {" | ".join(cells)} | {study.final_cells(seeds)} |')
   return lines
 
 
@@ -111,40 +101,27 @@ def plot(runs: dict, out: pathlib.Path) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  parser = study.arguments(
+    __doc__, 'covariate_shift', epochs=3, seeds=[0, 1, 2], quick='lr 1.0, 1 epoch, seed 0'
   )
-  parser.add_argument('--epochs', type=int, default=3)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--probe-every', type=int, default=47, help='steps between probes')
   parser.add_argument(
-    '--quick', action='store_true', help='lr 1.0 only, 1 epoch of 2048 examples, seed 0'
+    '--probe-every', type=study.positive_int, default=47, help='steps between probes'
   )
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/covariate_shift')
   args = parser.parse_args(argv)
   record = study.begin()
-  num_train, num_test = (2048, 1000) if args.quick else (0, 0)
   if args.quick:
     args.epochs, args.seeds, args.probe_every = 1, [0], 4
-  data = study.Data.load(num_train, num_test)
-  runs = {}
-  for lr in LEARNING_RATES[:1] if args.quick else LEARNING_RATES:
-    for model_name, model in MODELS.items():
-      name = run_name(model_name, lr)
-      runs[name] = []
-      for seed in args.seeds:
-        print(f'{name}, seed {seed}', flush=True)
-        runs[name].append(
-          study.train(
-            model,
-            data,
-            learning_rate=lr,
-            epochs=args.epochs,
-            seed=seed,
-            probe=shift_probe,
-            probe_every=args.probe_every,
-          )
-        )
+  data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
+  lrs = LEARNING_RATES[:1] if args.quick else LEARNING_RATES
+  runs = study.train_each(
+    MODELS,
+    lrs,
+    args.seeds,
+    data,
+    epochs=args.epochs,
+    probe=shift_probe,
+    probe_every=args.probe_every,
+  )
   note = (
     f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
     f'{args.probe_every} steps; cells: the median over probes and seeds for layers 2 to 5 '

@@ -20,7 +20,6 @@ results.json (every epoch of every run, with the commit and CPU), table.md and
 exercises.png (test accuracy by epoch) into --out.
 """
 
-import argparse
 import pathlib
 import sys
 
@@ -84,11 +83,9 @@ def plot(runs: dict, out: pathlib.Path) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  parser = study.arguments(
+    __doc__, 'exercises', epochs=10, seeds=[0, 1], quick=f'{" and ".join(QUICK)}, 1 epoch, seed 0'
   )
-  parser.add_argument('--epochs', type=int, default=10)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
   parser.add_argument('--learning-rate', type=float, default=1.0)
   parser.add_argument(
     '--variants',
@@ -98,16 +95,11 @@ def main(argv=None):
     metavar='NAME',
     help='which of the variants above to train (default: all)',
   )
-  parser.add_argument(
-    '--quick', action='store_true', help=f'{QUICK}, 1 epoch of 2048 examples, seed 0'
-  )
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/exercises')
   args = parser.parse_args(argv)
   record = study.begin()
-  num_train, num_test = (2048, 1000) if args.quick else (0, 0)
   if args.quick:
     args.epochs, args.seeds, args.variants = 1, [0], list(QUICK)
-  data = study.Data.load(num_train, num_test)
+  data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
   runs = {}
   for name in args.variants:
     model = VARIANTS[name]

@@ -20,7 +20,6 @@ table.md and learning_rates.png (test accuracy after the first and the last
 epoch against the learning rate) into --out.
 """
 
-import argparse
 import pathlib
 import sys
 
@@ -102,24 +101,17 @@ def plot(runs: dict, lrs, out: pathlib.Path) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  parser = study.arguments(
+    __doc__, 'learning_rates', epochs=3, seeds=[0, 1, 2], quick='lrs 0.1 and 10, 1 epoch, seed 0'
   )
   parser.add_argument('--lrs', type=float, nargs='+', default=list(LEARNING_RATES))
-  parser.add_argument('--epochs', type=int, default=3)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument(
-    '--quick', action='store_true', help='lrs 0.1 and 10, 1 epoch of 2048 examples'
-  )
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/learning_rates')
   args = parser.parse_args(argv)
-  record = study.begin()
   if min(args.lrs) <= 0:
     parser.error(f'--lrs must be positive; got {args.lrs}.')
-  num_train, num_test = (2048, 1000) if args.quick else (0, 0)
+  record = study.begin()
   if args.quick:
     args.lrs, args.epochs, args.seeds = [0.1, 10.0], 1, [0]
-  data = study.Data.load(num_train, num_test)
+  data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
   runs = {model: {} for model in MODELS}
   for model_name, model in MODELS.items():
     for lr in args.lrs:

@@ -21,7 +21,6 @@ would. Writes results.json (every probe of every seed, with the commit and
 CPU), table.md and smoothness.png into --out.
 """
 
-import argparse
 import functools
 import pathlib
 import sys
@@ -61,12 +60,7 @@ def table(runs: dict, steps_per_epoch: int) -> list[str]:
       f'{study.median(p[key] for p in probes):.3g} / {study.median(p[key] for p in last):.3g}'
       for key in MEASURES
     ]
-    loss = study.median(r['epochs'][-1]['train_loss'] for r in seeds)
-    acc = [r['epochs'][-1]['test_accuracy'] for r in seeds]
-    lines.append(
-      f'| {name} | {" | ".join(cells)} | {loss:.3f} | '
-      f'{study.median(acc):.3f} ({min(acc):.3f}-{max(acc):.3f}) |'
-    )
+    lines.append(f'| {name} | {" | ".join(cells)} | {study.final_cells(seeds)} |')
   return lines
 
 
@@ -95,46 +89,27 @@ def plot(runs: dict, out: pathlib.Path) -> None:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  parser = study.arguments(
+    __doc__, 'smoothness', epochs=3, seeds=[0, 1, 2], quick='lr 1.0, 1 epoch, seed 0'
   )
-  parser.add_argument('--epochs', type=int, default=3)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--probe-every', type=int, default=47, help='steps between probes')
+  parser.add_argument(
+    '--probe-every', type=study.positive_int, default=47, help='steps between probes'
+  )
   parser.add_argument(
     '--factors', type=float, nargs='+', default=list(FACTORS), help='step sizes, in units of lr'
   )
-  parser.add_argument(
-    '--quick', action='store_true', help='lr 1.0 only, 1 epoch of 2048 examples, seed 0'
-  )
-  parser.add_argument('--out', type=pathlib.Path, default=ROOT / 'results/why/smoothness')
   args = parser.parse_args(argv)
-  record = study.begin()
   if min(args.factors) <= 0:
     parser.error(f'--factors must be positive step sizes; got {args.factors}.')
-  num_train, num_test = (2048, 1000) if args.quick else (0, 0)
+  record = study.begin()
   if args.quick:
     args.epochs, args.seeds, args.probe_every = 1, [0], 4
-  data = study.Data.load(num_train, num_test)
+  data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
   probe = functools.partial(landscape_probe, factors=tuple(args.factors))
-  runs = {}
-  for lr in LEARNING_RATES[:1] if args.quick else LEARNING_RATES:
-    for model_name, model in MODELS.items():
-      name = f'{model_name}, lr {lr}'
-      runs[name] = []
-      for seed in args.seeds:
-        print(f'{name}, seed {seed}', flush=True)
-        runs[name].append(
-          study.train(
-            model,
-            data,
-            learning_rate=lr,
-            epochs=args.epochs,
-            seed=seed,
-            probe=probe,
-            probe_every=args.probe_every,
-          )
-        )
+  lrs = LEARNING_RATES[:1] if args.quick else LEARNING_RATES
+  runs = study.train_each(
+    MODELS, lrs, args.seeds, data, epochs=args.epochs, probe=probe, probe_every=args.probe_every
+  )
   note = (
     f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
     f'{args.probe_every} steps at step sizes {args.factors} x lr; cells: the median over the '

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = {
   'covariate_shift': (3, 'covariate_shift.png'),  # lr 1.0: BN, no BN, noisy BN
   'smoothness': (2, 'smoothness.png'),  # lr 1.0: BN, no BN
-  'learning_rates': (2, 'learning_rates.png'),  # BN, no BN
+  'learning_rates': (4, 'learning_rates.png'),  # BN and no BN, each after epoch 1 and the last
   'exercises': (2, 'exercises.png'),  # two of the variants
 }
 
