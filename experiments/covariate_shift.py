@@ -36,6 +36,7 @@ MODELS = {
   'noisy BN': models.LeNet(norm=variants.noisy_bn()),
 }
 LEARNING_RATES = (1.0, 0.1)
+QUICK = ('no BN', 'noisy BN')  # the models of --quick: one compilation each
 LAYER_NAMES = ('conv1', 'conv2', 'fc1', 'fc2', 'fc3')
 
 
@@ -102,7 +103,11 @@ def plot(runs: dict, out: pathlib.Path) -> None:
 
 def main(argv=None):
   parser = study.arguments(
-    __doc__, 'covariate_shift', epochs=3, seeds=[0, 1, 2], quick='lr 1.0, 1 epoch, seed 0'
+    __doc__,
+    'covariate_shift',
+    epochs=3,
+    seeds=[0, 1, 2],
+    quick='no BN and noisy BN at lr 1.0, 1 epoch, seed 0',
   )
   parser.add_argument(
     '--probe-every', type=study.positive_int, default=47, help='steps between probes'
@@ -113,8 +118,9 @@ def main(argv=None):
     args.epochs, args.seeds, args.probe_every = 1, [0], 4
   data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
   lrs = LEARNING_RATES[:1] if args.quick else LEARNING_RATES
+  models = {k: MODELS[k] for k in QUICK} if args.quick else MODELS
   runs = study.train_each(
-    MODELS,
+    models,
     lrs,
     args.seeds,
     data,

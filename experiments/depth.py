@@ -60,7 +60,7 @@ DEFAULTS = {
   'num_test': 0,
 }
 QUICK = {
-  'depths': [2, 4],
+  'depths': [2],
   'seeds': [0],
   'lrs': [0.1],
   'epochs': 1,

@@ -90,7 +90,7 @@ def plot(runs: dict, out: pathlib.Path) -> None:
 
 def main(argv=None):
   parser = study.arguments(
-    __doc__, 'smoothness', epochs=3, seeds=[0, 1, 2], quick='lr 1.0, 1 epoch, seed 0'
+    __doc__, 'smoothness', epochs=3, seeds=[0, 1, 2], quick='BN at lr 1.0, 1 epoch, seed 0'
   )
   parser.add_argument(
     '--probe-every', type=study.positive_int, default=47, help='steps between probes'
@@ -107,8 +107,9 @@ def main(argv=None):
   data = study.Data.load(*study.QUICK_EXAMPLES if args.quick else (0, 0))
   probe = functools.partial(landscape_probe, factors=tuple(args.factors))
   lrs = LEARNING_RATES[:1] if args.quick else LEARNING_RATES
+  models = {'BN': MODELS['BN']} if args.quick else MODELS
   runs = study.train_each(
-    MODELS, lrs, args.seeds, data, epochs=args.epochs, probe=probe, probe_every=args.probe_every
+    models, lrs, args.seeds, data, epochs=args.epochs, probe=probe, probe_every=args.probe_every
   )
   note = (
     f'LeNet, SGD, batch 256, {args.epochs} epoch(s), seeds {args.seeds}, a probe every '
