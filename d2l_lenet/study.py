@@ -1,4 +1,4 @@
-"""An in-process trainer for the experiments that look inside training (experiments/why_*.py).
+"""An in-process trainer for the experiments that look inside training (docs/why.md).
 
 `train` runs SGD on a linen model as `d2l_lenet.steps` does (the data on the
 device, a permutation per epoch, full batches of ``batch_size``, the mean
@@ -38,7 +38,7 @@ Probe = Callable[[Callable[[Any], jax.Array], Any, jax.Array], dict[str, jax.Arr
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """Fashion-MNIST on the device; ``train_eval_*`` a fixed slice to measure training accuracy."""
+  """Fashion-MNIST on the device: images (N, 28, 28, 1) float32 in [0, 1], labels (N,) int32."""
 
   train_images: jax.Array
   train_labels: jax.Array
@@ -108,7 +108,10 @@ def _chunk(model, probe, state, lr, images, labels, indices, rngs):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _accuracy(model, params, batch_stats, images, labels):
-  """Inference-mode (running averages) accuracy and mean loss, in batches of 1000."""
+  """Inference-mode (running averages) accuracy and mean loss, in batches of 1000.
+
+  Of the first multiple of 1000 examples (all of them when there are fewer).
+  """
   n = images.shape[0] // 1000 * 1000 or images.shape[0]
   size = min(1000, n)
 
