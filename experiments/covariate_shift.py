@@ -37,7 +37,7 @@ MODELS = {
 }
 LEARNING_RATES = (1.0, 0.1)
 QUICK = ('no BN', 'noisy BN')  # the models of --quick: one compilation each
-LAYER_NAMES = ('conv1', 'conv2', 'fc1', 'fc2', 'fc3')
+LAYER_NAMES = tuple(group[0] for group in variants.LENET_LAYERS)  # conv1 ... fc3
 
 
 def shift_probe(loss_fn, params, learning_rate):

@@ -33,7 +33,6 @@ nets per block).
 """
 
 import argparse
-import math
 import pathlib
 import statistics
 import sys
@@ -69,11 +68,6 @@ QUICK = {
 }
 CHANCE = 0.2  # a best accuracy below this reads 'chance' (10 classes: 0.1 by guessing)
 SCALES_BATCH = 256
-
-
-def finite_list(x) -> list:
-  """A JSON-safe list: non-finite values (overflowed scales) become None."""
-  return [float(v) if math.isfinite(v) else None for v in np.asarray(x, np.float64)]
 
 
 def summarize(runs: list[dict], lrs: list[float], seeds: list[int]) -> dict:
@@ -198,7 +192,8 @@ def main(argv=None):
       model = deep.DeepMLP(depth=depth, width=args.width, **kind)
       params, batch_stats, _ = study.init(model, 0, 0.0)
       s = deep.init_scales(model, {'params': params, 'batch_stats': batch_stats}, *scale_batch)
-      scales[str(depth)][variant] = {k: finite_list(v) for k, v in s.items()}
+      # study.save writes an overflowed scale (inf, NaN) as null.
+      scales[str(depth)][variant] = {k: v.tolist() for k, v in s.items()}
       ours = []
       for lr in args.lrs:
         for seed in args.seeds:
